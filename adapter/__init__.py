@@ -1,0 +1,1 @@
+"""The I/O shell: settings, CLI, HTTP app, upstream client, registration lifecycle."""
