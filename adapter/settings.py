@@ -1,0 +1,217 @@
+"""One settings model for the whole process (like uvicorn's Config).
+
+Precedence, highest first: command-line flags, environment variables ``FASTCHAT_ADAPTER_<NAME>``,
+the optional config file (``--config FILE``, TOML or JSON), then the defaults below. List options
+take a comma-separated string everywhere (flags may also be repeated), like DB-GPT's own
+``controller_addr``.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "FASTCHAT_ADAPTER_"
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every option of ``fastchat-adapter serve``; the field description is the ``--help`` text."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, frozen=True
+    )
+
+    # --- where the adapter listens and how it is advertised -------------------------------
+    host: str = Field("127.0.0.1", description="Bind address (loopback unless told otherwise).")
+    port: int = Field(8100, ge=1, le=65535, description="Bind port for the DB-GPT worker API.")
+    register_host: str | None = Field(
+        None,
+        description="Host advertised to DB-GPT controllers (default: the bind host, or the "
+        "machine's primary address when binding 0.0.0.0).",
+    )
+
+    # --- upstream FastChat workers ----------------------------------------------------------
+    worker_address: CommaList = Field(
+        default_factory=list, description="FastChat LLM worker URL(s), comma-separated."
+    )
+    embedding_worker_address: CommaList = Field(
+        default_factory=list,
+        description="FastChat embedding worker URL(s); registered as name@text2vec.",
+    )
+    model_names: CommaList = Field(
+        default_factory=list,
+        description="Serve only these model names (default: every name the workers report).",
+    )
+    fastchat_controller_address: str | None = Field(
+        None,
+        description="Mirror every model of this FastChat controller and dispatch through it.",
+    )
+    status_interval: float = Field(
+        2.0, gt=0, description="Seconds between worker status polls (liveness, queue length)."
+    )
+    connect_timeout: float = Field(3.0, gt=0, description="Connect timeout to workers, seconds.")
+    idle_timeout: float = Field(
+        120.0, gt=0, description="Longest silence between two upstream frames, seconds."
+    )
+    keepalive_interval: float = Field(
+        5.0, gt=0, description="Send an empty frame downstream after this many idle seconds."
+    )
+    default_temperature: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="Temperature when a request has none (DB-GPT's apiserver drops 0).",
+    )
+    embedding_batch_size: int = Field(
+        1,
+        ge=1,
+        description="Inputs per upstream embeddings call (1: exact vectors, see README).",
+    )
+    sep_style_numbering: Literal["auto", "0.2.36", "main"] = Field(
+        "auto", description="FastChat SeparatorStyle numbering of the workers' templates."
+    )
+
+    # --- DB-GPT cluster -------------------------------------------------------------------
+    controller_address: CommaList = Field(
+        default_factory=list,
+        description="DB-GPT controller URL(s), comma-separated; none: serve the controller "
+        "API ourselves (standalone).",
+    )
+    heartbeat_interval: float = Field(
+        20.0, gt=0, description="Seconds between heartbeats (DB-GPT's own default)."
+    )
+    register_service: bool = Field(
+        False, description="Also register WorkerManager@service (for dbgpt model CLI)."
+    )
+    standalone_heartbeat_timeout: float = Field(
+        60.0, gt=0, description="Standalone controller: mark unhealthy after this silence."
+    )
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="On SIGTERM, seconds to let in-flight streams finish."
+    )
+
+    # --- operability ----------------------------------------------------------------------
+    api_key: str | None = Field(None, description="Bearer token required on /api/worker/*.")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest request body accepted, bytes."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+
+    @field_validator(
+        "worker_address",
+        "embedding_worker_address",
+        "model_names",
+        "controller_address",
+        mode="before",
+    )
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list | tuple):
+            parts = [p for item in items for p in str(item).split(",")]
+            return [p.strip().rstrip("/") for p in parts if p.strip()]
+        return items
+
+    @field_validator("fastchat_controller_address")
+    @classmethod
+    def _strip_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else None
+
+    @model_validator(mode="after")
+    def _needs_upstream(self) -> Settings:
+        sources = self.worker_address or self.embedding_worker_address
+        if not sources and not self.fastchat_controller_address:
+            raise ValueError(
+                "no upstream: give --worker-address, --embedding-worker-address or "
+                "--fastchat-controller-address"
+            )
+        return self
+
+    @property
+    def standalone(self) -> bool:
+        """No DB-GPT controller given: the adapter serves the controller API itself."""
+        return not self.controller_address
+
+    @property
+    def advertised_host(self) -> str:
+        if self.register_host:
+            return self.register_host
+        if self.host in ("0.0.0.0", "::", ""):
+            return primary_address()
+        return self.host
+
+    @property
+    def own_url(self) -> str:
+        return f"http://{self.advertised_host}:{self.port}"
+
+    @property
+    def effective_controllers(self) -> list[str]:
+        """Controllers to register with; standalone means our own embedded controller."""
+        return self.controller_address or [f"http://127.0.0.1:{self.port}"]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init = the CLI flags actually given, then the environment, then the config file.
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls))
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Values from the config file; lowest precedence above the defaults."""
+
+    values: ClassVar[dict[str, Any]] = {}  # set by load_settings for one construction only
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A flat table of settings, keys spelt like the fields (``worker_address`` ...)."""
+    text = path.read_text(encoding="utf-8")
+    data: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a table of settings")
+    table = data.get("fastchat_adapter", data)
+    return {str(k).replace("-", "_"): v for k, v in table.items()}
+
+
+def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -> Settings:
+    """Build the settings from flags given on the command line, the environment and a file."""
+    _ConfigFileSource.values = read_config_file(config_file) if config_file else {}
+    try:
+        return Settings(**cli_values)
+    finally:
+        _ConfigFileSource.values = {}
+
+
+def primary_address() -> str:
+    """The address of the interface that routes outward; no packet is sent (UDP connect)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed, nothing is sent
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
