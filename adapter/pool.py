@@ -1,0 +1,262 @@
+"""What the adapter knows about its FastChat workers: who is alive, what they serve, how busy.
+
+The pool polls every worker's ``/worker_get_status`` in the background. Those answers drive
+three things: routing (shortest queue, like FastChat's own ``shortest_queue`` dispatch), the
+registration lifecycle (listeners hear when a worker goes down, comes back or changes its model
+list), and metrics. Per (worker, model) it caches the conversation template and context length,
+dropping them when the worker restarts or its model list changes, and never caching an error.
+
+Two discovery modes share this one class:
+- static: ``--worker-address`` / ``--embedding-worker-address`` URLs, each polled directly;
+- FastChat controller: one pseudo-worker keyed by the controller URL whose model list is the
+  controller's live models (its aggregate ``/worker_get_status`` skips dead workers); each request
+  is then dispatched with the controller's own ``/get_worker_address``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from adapter.metrics import Metrics
+from adapter.upstream import FastChatClient, UpstreamError
+
+log = logging.getLogger("fastchat_adapter.pool")
+
+WorkerKind = Literal["llm", "text2vec"]
+
+
+@dataclass
+class Worker:
+    """One upstream as last seen. ``url`` is a worker, or a FastChat controller (dispatching)."""
+
+    url: str
+    kind: WorkerKind
+    dispatching: bool = False
+    alive: bool = False
+    model_names: tuple[str, ...] = ()
+    queue_length: int = 0
+    speed: float = 1.0
+    last_seen: float | None = None
+    generation: int = 0  # bumps on every down->up transition or model-list change
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: a worker URL and the model name to send it."""
+
+    worker: str
+    model: str
+    kind: WorkerKind
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Cached per (worker, model): what prompt building needs."""
+
+    conv: dict[str, Any]
+    context_length: int
+
+
+@dataclass(frozen=True)
+class PoolEvent:
+    kind: Literal["up", "down", "models_changed"]
+    worker: Worker
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+
+
+Listener = Callable[[PoolEvent], Awaitable[None]]
+
+
+class NoWorker(Exception):
+    """No live worker serves the model; the message names what is served."""
+
+    def __init__(self, model: str, served: Iterable[str]) -> None:
+        names = sorted(set(served))
+        listed = ", ".join(names) if names else "none"
+        super().__init__(f"model {model!r} is not served here; served models: {listed}")
+        self.model = model
+        self.served = names
+
+
+@dataclass
+class WorkerPool:
+    client: FastChatClient
+    metrics: Metrics
+    only_models: frozenset[str] = frozenset()
+    workers: dict[str, Worker] = field(default_factory=dict)
+    _listeners: list[Listener] = field(default_factory=list)
+    _info: dict[tuple[str, str], tuple[int, ModelInfo]] = field(default_factory=dict)
+    _info_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    @classmethod
+    def from_addresses(
+        cls,
+        client: FastChatClient,
+        metrics: Metrics,
+        *,
+        llm: Iterable[str] = (),
+        text2vec: Iterable[str] = (),
+        fastchat_controller: str | None = None,
+        only_models: Iterable[str] = (),
+    ) -> WorkerPool:
+        pool = cls(client, metrics, frozenset(only_models))
+        for url in llm:
+            pool.workers[url] = Worker(url, "llm")
+        for url in text2vec:
+            pool.workers[url] = Worker(url, "text2vec")
+        if fastchat_controller:
+            pool.workers[fastchat_controller] = Worker(fastchat_controller, "llm", dispatching=True)
+        return pool
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    # --- polling ------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """Poll every upstream once, concurrently, and tell listeners what changed."""
+        await asyncio.gather(*(self._poll(w) for w in list(self.workers.values())))
+
+    async def run(self, interval: float) -> None:
+        """Background loop; cancelled at shutdown."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(interval)
+
+    async def _poll(self, worker: Worker) -> None:
+        try:
+            if worker.dispatching:
+                names, queue, speed = await self._poll_controller(worker.url)
+            else:
+                status = await self.client.status(worker.url)
+                names = tuple(sorted(str(n) for n in status.get("model_names") or ()))
+                queue, speed = int(status.get("queue_length", 0)), float(status.get("speed", 1))
+        except (UpstreamError, ValueError, TypeError) as exc:
+            await self._mark_down(worker, str(exc))
+            return
+        if self.only_models:
+            names = tuple(n for n in names if n in self.only_models)
+        was_alive, old_names = worker.alive, worker.model_names
+        worker.alive, worker.model_names = True, names
+        worker.queue_length, worker.speed, worker.last_seen = queue, speed, time.monotonic()
+        self._export(worker)
+        if not was_alive:
+            worker.generation += 1
+            log.info("worker %s is up, serving %s", worker.url, ", ".join(names) or "nothing")
+            await self._emit(PoolEvent("up", worker, added=names))
+        elif names != old_names:
+            worker.generation += 1
+            added = tuple(n for n in names if n not in old_names)
+            removed = tuple(n for n in old_names if n not in names)
+            log.info("worker %s models changed: +%s -%s", worker.url, added, removed)
+            await self._emit(PoolEvent("models_changed", worker, added, removed))
+
+    async def _poll_controller(self, url: str) -> tuple[tuple[str, ...], int, float]:
+        listed = set(await self.client.list_models(url))
+        # The aggregate status skips dead workers, so it is the controller's view of liveness.
+        status = await self.client.status(url)
+        live = {str(n) for n in status.get("model_names") or ()}
+        names = tuple(sorted(listed & live))
+        return names, int(status.get("queue_length", 0)), float(status.get("speed", 1))
+
+    async def _mark_down(self, worker: Worker, why: str) -> None:
+        self.metrics.upstream_up.labels(worker.url).set(0)
+        if not worker.alive:
+            return
+        worker.alive = False
+        log.warning("worker %s is down: %s", worker.url, why)
+        await self._emit(PoolEvent("down", worker, removed=worker.model_names))
+
+    async def report_failure(self, url: str, exc: UpstreamError) -> None:
+        """A request found the worker unreachable: don't wait for the next poll to say so."""
+        worker = self.workers.get(url)
+        if worker is not None and exc.reason == "unreachable":
+            await self._mark_down(worker, str(exc))
+
+    def _export(self, worker: Worker) -> None:
+        self.metrics.upstream_up.labels(worker.url).set(1)
+        for name in worker.model_names:
+            self.metrics.upstream_queue_length.labels(worker.url, name).set(worker.queue_length)
+            self.metrics.upstream_speed.labels(worker.url, name).set(worker.speed)
+
+    async def _emit(self, event: PoolEvent) -> None:
+        for listener in self._listeners:
+            try:
+                await listener(event)
+            except Exception:  # a listener's bug must not stop polling
+                log.exception("pool listener failed on %s", event.kind)
+
+    # --- views --------------------------------------------------------------------------
+    def served(self, kind: WorkerKind | None = None) -> dict[str, list[Worker]]:
+        """Model name -> live workers serving it (optionally of one kind)."""
+        table: dict[str, list[Worker]] = {}
+        for worker in self.workers.values():
+            if worker.alive and (kind is None or worker.kind == kind):
+                for name in worker.model_names:
+                    table.setdefault(name, []).append(worker)
+        return table
+
+    def all_names(self, kind: WorkerKind | None = None) -> list[str]:
+        return sorted(self.served(kind))
+
+    def any_alive(self) -> bool:
+        return any(w.alive for w in self.workers.values())
+
+    # --- routing ------------------------------------------------------------------------
+    async def resolve(self, model: str | None, kind: WorkerKind = "llm") -> Route:
+        """Pick the worker for a request; ``model=None`` means the only served model."""
+        table = self.served(kind)
+        if model is None:
+            if len(table) != 1:
+                raise NoWorker("<unspecified>", table)
+            model = next(iter(table))
+        candidates = table.get(model)
+        if not candidates:
+            raise NoWorker(model, table)
+        best = min(candidates, key=_load)
+        # Like FastChat's controller: count the dispatch at once, the next poll corrects it,
+        # so a burst between two polls spreads over the workers instead of piling on one.
+        best.queue_length += 1
+        if best.dispatching:
+            address = await self.client.worker_address(best.url, model)
+            if not address:
+                raise NoWorker(model, table)
+            return Route(address, model, kind)
+        return Route(best.url, model, kind)
+
+    # --- per (worker, model) cache ------------------------------------------------------
+    async def model_info(self, route: Route) -> ModelInfo:
+        key = (route.worker, route.model)
+        generation = self._generation_of(route.worker)
+        cached = self._info.get(key)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        lock = self._info_locks.setdefault(key, asyncio.Lock())
+        async with lock:  # one fetch per key even under a burst of first requests
+            cached = self._info.get(key)
+            if cached is not None and cached[0] == generation:
+                return cached[1]
+            conv, context_length = await asyncio.gather(
+                self.client.conv_template(route.worker, route.model),
+                self.client.context_length(route.worker, route.model),
+            )
+            info = ModelInfo(conv, context_length)
+            self._info[key] = (generation, info)  # only successes are cached
+            return info
+
+    def _generation_of(self, url: str) -> int:
+        worker = self.workers.get(url)
+        if worker is not None:
+            return worker.generation
+        # Dispatched through a FastChat controller: the controller's generation stands in.
+        return sum(w.generation for w in self.workers.values() if w.dispatching)
+
+
+def _load(worker: Worker) -> float:
+    """FastChat's shortest_queue key; ties go to the first worker, as there."""
+    return worker.queue_length / (worker.speed or 1.0)
