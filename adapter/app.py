@@ -1,0 +1,31 @@
+"""The ASGI application: DB-GPT's worker API, the standalone controller API and the probes.
+
+Data flows one way: a route (``worker_api``) asks ``protocol.translate`` to build the FastChat
+request, ``upstream`` sends it, ``protocol.translate`` turns each answer back into DB-GPT's shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from adapter.runtime import VERSION, Runtime
+from adapter.settings import Settings
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    runtime = runtime or Runtime.create(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="fastchat-adapter", version=VERSION, lifespan=lifespan)
+    app.state.runtime = runtime
+    return app

@@ -1,0 +1,115 @@
+"""``fastchat-adapter`` (also ``python -m adapter``): serve, reference-worker, check.
+
+The ``serve`` flags are generated from the one settings model, so ``--help`` always lists every
+option with its default and environment variable, and nothing can drift between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+
+from adapter.settings import ENV_PREFIX, Settings, load_settings
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    return None
+
+
+def _default_text(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        return "none"
+    return "none" if field.default is None else repr(field.default)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML or JSON file of settings (lowest rank).")
+    for name, field in Settings.model_fields.items():
+        annotation = field.annotation
+        env = ENV_PREFIX + name.upper()
+        help_text = f"{field.description or ''} [default: {_default_text(field)}; env {env}]"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is list:
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "A[,B]"
+        else:
+            choices = _choices(annotation)
+            if choices:
+                kwargs["choices"] = choices
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    values = {k: v for k, v in vars(ns).items() if k in Settings.model_fields}
+    return load_settings(values, getattr(ns, "config", None))
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the option, whichever source the bad value came from."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ())]
+    where = f"{_flag(loc[0])} ({ENV_PREFIX}{loc[0].upper()})" if loc else ""
+    message = first.get("msg", "invalid value")
+    return f"invalid setting {where}: {message}" if where else f"invalid settings: {message}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastchat-adapter",
+        description="Serve a DB-GPT model cluster from existing FastChat workers.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="Run the adapter (the main job).")
+    add_settings_arguments(serve)
+
+    from adapter import reference_worker
+
+    worker = commands.add_parser(
+        "reference-worker", help="Run a FastChat-protocol worker with a scripted model."
+    )
+    reference_worker.add_reference_worker_arguments(worker)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "serve":
+        try:
+            settings = settings_from_args(ns)
+        except ValidationError as exc:
+            print(f"fastchat-adapter: {describe_validation_error(exc)}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError) as exc:
+            print(f"fastchat-adapter: invalid settings: {exc}", file=sys.stderr)
+            return 2
+        from adapter.server import serve as run_server
+
+        return run_server(settings)
+    if ns.command == "reference-worker":
+        from adapter import reference_worker
+
+        config = reference_worker.config_from_args(ns)
+        reference_worker.serve(config, ns.host, ns.port)
+        return 0
+    parser.error(f"unknown command {ns.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

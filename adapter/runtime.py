@@ -1,0 +1,117 @@
+"""Everything one adapter process holds, created once and torn down once.
+
+Routes reach it as ``request.app.state.runtime``. Background tasks (status polling, heartbeats)
+start in ``start()`` and stop in ``stop()``; the ordered SIGTERM sequence (not ready, stop
+heartbeats, deregister, drain, exit) lives in ``adapter/server.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from adapter.metrics import Metrics
+from adapter.pool import WorkerPool
+from adapter.settings import Settings
+from adapter.upstream import FastChatClient, make_http_client
+
+log = logging.getLogger("fastchat_adapter")
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class InFlight:
+    """Counts open downstream requests so shutdown can wait for them to drain."""
+
+    count: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count <= 0:
+            self.count = 0
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True if every request finished within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    metrics: Metrics
+    http: httpx.AsyncClient
+    client: FastChatClient
+    pool: WorkerPool
+    inflight: InFlight = field(default_factory=InFlight)
+    shutting_down: bool = False
+    # Run in order by begin_shutdown(), before uvicorn stops accepting and drains streams.
+    shutdown_steps: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, settings: Settings) -> Runtime:
+        metrics = Metrics()
+        metrics.build_info.labels(VERSION).set(1)
+        http = make_http_client(settings.connect_timeout)
+        client = FastChatClient(http, idle_timeout=settings.idle_timeout)
+        pool = WorkerPool.from_addresses(
+            client,
+            metrics,
+            llm=settings.worker_address,
+            text2vec=settings.embedding_worker_address,
+            fastchat_controller=settings.fastchat_controller_address,
+            only_models=settings.model_names,
+        )
+        return cls(settings, metrics, http, client, pool)
+
+    @property
+    def ready(self) -> bool:
+        """Ready: not shutting down and at least one upstream worker answers."""
+        return not self.shutting_down and self.pool.any_alive()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+
+    async def start(self) -> None:
+        # One poll before serving, so the first requests already know the workers.
+        await self.pool.refresh()
+        self.spawn(self.pool.run(self.settings.status_interval), "status-poll")
+
+    async def begin_shutdown(self) -> None:
+        """First half of SIGTERM: not ready, then each step (stop heartbeats, deregister)."""
+        self.shutting_down = True
+        for step in self.shutdown_steps:
+            try:
+                await step()
+            except Exception:  # a failed step must not keep the process from exiting
+                log.exception("shutdown step %s failed", getattr(step, "__name__", step))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.http.aclose()

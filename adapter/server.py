@@ -1,0 +1,76 @@
+"""Run the adapter under uvicorn with DB-GPT-safe shutdown ordering.
+
+On SIGTERM/SIGINT, in this order:
+1. report not-ready (``/readyz`` 503), stop heartbeats, deregister everywhere
+   (``Runtime.begin_shutdown``): while streams are still running, so DB-GPT stops routing here;
+2. tell uvicorn to exit: it stops accepting, lets in-flight streams finish for up to
+   ``shutdown_grace`` seconds, then runs the lifespan shutdown (background tasks, HTTP pool);
+3. exit 0. A second signal forces exit at once.
+Uvicorn runs lifespan shutdown only after streams drain, so step 1 cannot live there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from adapter.app import create_app
+from adapter.runtime import Runtime
+from adapter.settings import Settings
+
+log = logging.getLogger("fastchat_adapter.server")
+
+
+class AdapterServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shutdown: asyncio.Task[None] | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Deliberately not recording the signal: uvicorn would re-raise it after serving and
+        # the process would die by SIGTERM instead of exiting 0 after a clean shutdown.
+        if self._shutdown is not None or self._loop is None:
+            self.should_exit = True
+            self.force_exit = self._shutdown is not None
+            return
+        log.info("received %s: deregistering, then draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_shutdown)
+
+    def _start_shutdown(self) -> None:
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._shutdown_sequence())
+
+    async def _shutdown_sequence(self) -> None:
+        await self.runtime.begin_shutdown()
+        self.should_exit = True
+
+
+def build_server(settings: Settings) -> AdapterServer:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
+        lifespan="on",
+    )
+    return AdapterServer(config, app.state.runtime)
+
+
+def serve(settings: Settings) -> int:
+    server = build_server(settings)
+    asyncio.run(server.serve())
+    return 0
