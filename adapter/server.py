@@ -12,8 +12,8 @@ Uvicorn runs lifespan shutdown only after streams drain, so step 1 cannot live t
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 import signal
 from types import FrameType
 
