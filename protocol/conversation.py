@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
+from protocol.errors import UnknownSeparatorStyle
+
 __all__ = [
     "STYLES_MAIN",
     "STYLES_V0_2_36",
@@ -98,23 +100,13 @@ _MAIN_ONLY_TEMPLATES: Mapping[str, SeparatorStyle] = {
 # fmt: on
 
 
-class UnknownSeparatorStyle(ValueError):
-    """A template's ``sep_style`` is not a style of the numbering it was decoded with."""
-
-    def __init__(self, value: object, template: str | None, numbering: str) -> None:
-        self.value = value
-        self.template = template
-        self.numbering = numbering
-        hint = (
-            "FastChat cannot serve a template without a style"
-            if value is None
-            else f"valid ints are 1..{len(_TABLES[numbering])}; if the worker runs another "
-            "FastChat version, set the numbering explicitly"
-        )
-        super().__init__(
-            f"unknown sep_style {value!r} in conversation template {template!r} "
-            f"(FastChat {numbering} numbering): {hint}"
-        )
+def _style_hint(value: object, numbering: str) -> str:
+    if value is None:
+        return "FastChat cannot serve a template without a style"
+    return (
+        f"valid ints are 1..{len(_TABLES[numbering])}; if the worker runs another "
+        "FastChat version, set the numbering explicitly"
+    )
 
 
 def decode_sep_style(
@@ -127,7 +119,7 @@ def decode_sep_style(
     # bool is an int subclass; JSON true is not a style.
     if isinstance(value, int) and not isinstance(value, bool) and value in table:
         return table[value]
-    raise UnknownSeparatorStyle(value, template, numbering)
+    raise UnknownSeparatorStyle(value, template, numbering, detail=_style_hint(value, numbering))
 
 
 def detect_numbering(conv: Mapping[str, Any]) -> Numbering:

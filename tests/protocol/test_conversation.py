@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -456,15 +454,3 @@ def test_few_shot_messages_come_first_whatever_offset() -> None:
 
 
 # --- purity -------------------------------------------------------------------------------------
-
-
-def test_module_imports_only_pure_stdlib() -> None:
-    source = Path(__file__).resolve().parents[2] / "protocol" / "conversation.py"
-    imported = set()
-    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module or "")
-    allowed = {"__future__", "collections.abc", "dataclasses", "enum", "types", "typing"}
-    assert imported <= allowed

@@ -1,0 +1,300 @@
+"""DB-GPT wire messages: the model controller (PROTOCOLS.md §5) and the worker API (§6, §7).
+
+Two rules shape this module:
+
+- **Requests in** are parsed the way DB-GPT's own pydantic models parse them, across 0.4–0.8:
+  unknown keys ignored, an explicit ``null`` meaning "absent" (so the default applies), and
+  ``from_wire`` raising ``InvalidRequest`` naming the field.
+- **Replies out** are emitted with ``to_wire()``, which gives *exactly* the documented keys:
+  DB-GPT clients up to 0.6 rebuild them with ``cls(**dict)``, where one unknown key is a
+  TypeError (§10 item 14). So the key sets below are the safe cross-version ones, never more.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
+
+from protocol._wire import WireModel
+from protocol.errors import InvalidMessage, InvalidRequest
+
+__all__ = [
+    "CountTokenRequest",
+    "EmbeddingsRequest",
+    "ExtMetadata",
+    "MediaContent",
+    "MediaObject",
+    "ModelInstance",
+    "ModelMessage",
+    "ModelMetadata",
+    "ModelMetadataRequest",
+    "ModelOutput",
+    "PromptRequest",
+    "SupportedModel",
+    "Usage",
+    "WorkerApplyOutput",
+    "WorkerApplyRequest",
+    "WorkerStartupRequest",
+    "WorkerSupportedModel",
+    "WorkerType",
+    "parse_worker_key",
+    "worker_key",
+]
+
+
+class _Reply(WireModel):
+    """A body we send to DB-GPT: every documented key, nulls included, nothing else."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class _Request(WireModel):
+    """A body DB-GPT sends us. Explicit nulls are dropped before validation, so they mean the
+    same as an absent key (DB-GPT's completions path sends ``"stop": null, "user": null``)."""
+
+    invalid = InvalidRequest
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+# --- controller: registry entries and worker keys (§5) -----------------------------------
+
+
+class WorkerType(str, Enum):
+    LLM = "llm"
+    TEXT2VEC = "text2vec"
+    RERANKER = "reranker"  # 0.7+; 0.6 registers rerankers as text2vec
+
+
+def worker_key(name: str, worker_type: WorkerType) -> str:
+    """``"<name>@<type>"``, the registry's ``model_name``. DB-GPT's helpers reject names with
+    ``@`` and a key without exactly one ``@`` crashes its model list (§5.4, §10 item 21)."""
+    if not name.strip() or "@" in name:
+        raise InvalidMessage(f"invalid DB-GPT model name {name!r}", field="model_name")
+    return f"{name}@{worker_type.value}"
+
+
+def parse_worker_key(key: str) -> tuple[str, WorkerType]:
+    """Split ``"<name>@<type>"``; the inverse of ``worker_key``."""
+    name, at, kind = key.strip().partition("@")
+    try:
+        worker_type = WorkerType(kind)
+    except ValueError:
+        worker_type = None
+    if not at or not name or "@" in kind or worker_type is None:
+        raise InvalidMessage(f"invalid DB-GPT worker key {key!r}", field="model_name")
+    return name, worker_type
+
+
+class ModelInstance(_Reply):
+    """A registry entry (``P/model/base.py``), keys in DB-GPT's order (§5.1, §5.5). The same full
+    body is sent to register and to heartbeat; extra keys of newer controllers are dropped."""
+
+    model_name: str  # the worker key, name@type
+    host: str
+    port: int
+    weight: float = 1.0
+    check_healthy: bool = True
+    healthy: bool = False
+    enabled: bool = True
+    prompt_template: str | None = None
+    last_heartbeat: str | None = None  # naive local ISO time, kept as the controller wrote it
+    remove_from_registry: bool = False  # 0.7+
+
+    def delete_params(self, *, remove_from_registry: bool = True) -> dict[str, str]:
+        """Query string of ``DELETE /api/controller/models``, which reads no body (§5.2)."""
+        return {
+            "model_name": self.model_name,
+            "host": self.host,
+            "port": str(self.port),
+            "remove_from_registry": "true" if remove_from_registry else "false",
+        }
+
+
+# --- worker API: requests (§6.1, §8.2, §8.3) ----------------------------------------------
+
+
+class MediaObject(WireModel):
+    data: Any = None
+    format: str | None = None
+
+
+class MediaContent(WireModel):
+    """One part of a message (0.7.1+): ``{"type": "text"|"thinking"|"image"|…, "object"}``."""
+
+    type: str
+    object: MediaObject
+
+
+class ModelMessage(_Request):
+    role: Literal["system", "human", "ai", "view"]
+    content: str | list[MediaContent] = ""
+    round_index: int = 0
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _one_part_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+
+class PromptRequest(_Request):
+    """Body of ``/api/worker/generate_stream`` and ``/generate``, as sent by DB-GPT 0.4–0.8
+    (§6.1). Fields FastChat needs as ints are strict: a float or string there is refused here
+    rather than crashing the worker (§1.2)."""
+
+    model: str
+    messages: list[ModelMessage] = Field(default_factory=list)
+    prompt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: StrictInt | None = None
+    max_new_tokens: StrictInt | None = Field(default=None, gt=0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[StrictInt] = Field(default_factory=list)
+    context_len: int | None = None
+    echo: StrictBool = True  # DB-GPT's default; every DB-GPT caller sends it explicitly
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    chat_model: bool = True
+    span_id: str | None = None
+    metrics: bool = False
+    version: str = "v2"
+    context: dict[str, Any] | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # "" matches at offset 0: the worker would stop before producing anything.
+        if value == "" or (isinstance(value, list) and "" in value):
+            raise InvalidRequest("stop strings must not be empty", field="stop")
+        return value
+
+    @model_validator(mode="after")
+    def _has_something_to_say(self) -> PromptRequest:
+        if not self.messages and self.prompt is None:
+            raise InvalidRequest("neither messages nor prompt given", field="messages")
+        return self
+
+    @property
+    def is_completion(self) -> bool:
+        """The raw-completion path (§9.2 item 2): ``prompt`` is used verbatim."""
+        return self.prompt is not None and (not self.messages or not self.chat_model)
+
+
+class EmbeddingsRequest(_Request):
+    """Body of ``/api/worker/embeddings``; ``query`` set means rerank (§6.1, §8.3)."""
+
+    model: str
+    input: list[str] = Field(min_length=1)
+    worker_type: WorkerType = WorkerType.TEXT2VEC
+    query: str | None = None
+    span_id: str | None = None
+
+    @property
+    def is_rerank(self) -> bool:
+        return self.query is not None or self.worker_type is WorkerType.RERANKER
+
+
+class CountTokenRequest(_Request):
+    """DB-GPT's own client sends no ``model`` (§6.3): resolve it to the default served model."""
+
+    model: str | None = None
+    prompt: str
+
+
+class ModelMetadataRequest(_Request):
+    model: str
+
+
+class WorkerApplyRequest(_Request):
+    model: str
+    apply_type: str  # start | stop | restart | update_params
+    worker_type: str = WorkerType.LLM.value
+    params: dict[str, Any] = Field(default_factory=dict)
+    apply_user: str | None = None
+
+
+class WorkerStartupRequest(_Request):
+    host: str
+    port: int
+    model: str
+    worker_type: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    delete_after: bool = False  # 0.7+ from here on
+    worker_name: str | None = None
+    sys_code: str | None = None
+    user_name: str | None = None
+
+
+# --- worker API: replies (§6.2, §6.4, §7.3) -----------------------------------------------
+
+
+class Usage(_Reply):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ModelOutput(_Reply):
+    """One generation frame in the legacy ``text`` form (§7.3), readable by DB-GPT 0.5.3–0.8.2.
+
+    Never ``content`` (0.7.0 stores it raw; ≤ 0.6 crashes on it), never both, and no FastChat
+    extras such as ``logprobs``. ``text`` is cumulative and ``incremental`` always false.
+    """
+
+    text: str
+    error_code: int
+    incremental: Literal[False] = False
+    model_context: dict[str, Any] | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    usage: Usage | None = None
+    metrics: dict[str, Any] | None = None
+
+
+class ExtMetadata(_Reply):
+    prompt_roles: list[str] = Field(default_factory=lambda: ["system", "human", "ai"])
+    prompt_sep: str = "\n"
+    prompt_chat_template: str | None = None
+
+
+class ModelMetadata(_Reply):
+    """``/api/worker/model_metadata`` reply: the key set both 0.4–0.6 and 0.7+ accept (§6.4)."""
+
+    model: str
+    context_length: int
+    chat_model: bool = True
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    ext_metadata: ExtMetadata = Field(default_factory=ExtMetadata)
+
+
+class SupportedModel(_Reply):
+    """One entry of ``/api/worker/models/supports``: the legacy key set (§6.4, §9.1)."""
+
+    model: str
+    path: str | None = None
+    worker_type: str = WorkerType.LLM.value
+    path_exist: bool = False
+    proxy: bool = False
+    enabled: bool = True
+    params: list[Any] = Field(default_factory=list)  # `dbgpt model start --help` wants it
+
+
+class WorkerSupportedModel(_Reply):
+    host: str
+    port: int
+    models: list[SupportedModel]
+
+
+class WorkerApplyOutput(_Reply):
+    message: str
+    success: bool
+    timecost: float = 0
