@@ -1,0 +1,1 @@
+"""Test doubles and servers shared by the test suites: loopback uvicorn, fake FastChat peers."""
