@@ -28,6 +28,10 @@ interop: venv
 test: venv lint
 	$(BIN)/pytest -q
 
+# README's first command: reference worker + adapter (standalone) + a streamed chat.
+demo: venv
+	$(BIN)/python scripts/demo.py
+
 bench: venv
 	$(BIN)/python bench/bench_protocol.py
 

@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from adapter import ops_api, worker_api
+from adapter.controller_api import controller_router
 from adapter.runtime import VERSION, Runtime
 from adapter.settings import Settings
 
@@ -28,4 +30,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
     app = FastAPI(title="fastchat-adapter", version=VERSION, lifespan=lifespan)
     app.state.runtime = runtime
+    app.include_router(worker_api.router)  # /api/worker/*: DB-GPT's worker API
+    ops_api.mount(app, settings)  # probes, metrics, body limit, API key, access log
+    if runtime.registry is not None:  # standalone: we are the DB-GPT controller too
+        app.include_router(controller_router(runtime.registry))
     return app

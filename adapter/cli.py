@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         "reference-worker", help="Run a FastChat-protocol worker with a scripted model."
     )
     reference_worker.add_reference_worker_arguments(worker)
+
+    from adapter import check
+
+    conformance = commands.add_parser(
+        "check", help="Conformance check of a FastChat worker or a DB-GPT worker endpoint."
+    )
+    check.add_check_arguments(conformance)
     return parser
 
 
@@ -101,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adapter.server import serve as run_server
 
         return run_server(settings)
+    if ns.command == "check":
+        from adapter import check
+
+        return check.run_check(ns)
     if ns.command == "reference-worker":
         from adapter import reference_worker
 

@@ -20,10 +20,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from adapter.metrics import Metrics
 from adapter.upstream import FastChatClient, UpstreamError
+from protocol.fastchat import ConvTemplate, ErrorCode
 
 log = logging.getLogger("fastchat_adapter.pool")
 
@@ -58,7 +59,7 @@ class Route:
 class ModelInfo:
     """Cached per (worker, model): what prompt building needs."""
 
-    conv: dict[str, Any]
+    conv: ConvTemplate
     context_length: int
 
 
@@ -74,14 +75,19 @@ Listener = Callable[[PoolEvent], Awaitable[None]]
 
 
 class NoWorker(Exception):
-    """No live worker serves the model; the message names what is served."""
+    """No live worker serves the model; the message names what is served.
 
-    def __init__(self, model: str, served: Iterable[str]) -> None:
+    ``error_code``: 50005 (CONTROLLER_NO_WORKER) when the model is one a worker served but
+    that worker is down now, 40301 (INVALID_MODEL) for a name no worker ever served."""
+
+    def __init__(self, model: str, served: Iterable[str], *, known: bool = False) -> None:
         names = sorted(set(served))
         listed = ", ".join(names) if names else "none"
-        super().__init__(f"model {model!r} is not served here; served models: {listed}")
+        why = "no live FastChat worker serves model" if known else "unknown model"
+        super().__init__(f"{why} {model!r}; served models: {listed}")
         self.model = model
         self.served = names
+        self.error_code = ErrorCode.CONTROLLER_NO_WORKER if known else ErrorCode.INVALID_MODEL
 
 
 @dataclass
@@ -134,9 +140,9 @@ class WorkerPool:
                 names, queue, speed = await self._poll_controller(worker.url)
             else:
                 status = await self.client.status(worker.url)
-                names = tuple(sorted(str(n) for n in status.get("model_names") or ()))
-                queue, speed = int(status.get("queue_length", 0)), float(status.get("speed", 1))
-        except (UpstreamError, ValueError, TypeError) as exc:
+                names = tuple(sorted(status.model_names))
+                queue, speed = status.queue_length, float(status.speed)
+        except UpstreamError as exc:
             await self._mark_down(worker, str(exc))
             return
         if self.only_models:
@@ -160,9 +166,8 @@ class WorkerPool:
         listed = set(await self.client.list_models(url))
         # The aggregate status skips dead workers, so it is the controller's view of liveness.
         status = await self.client.status(url)
-        live = {str(n) for n in status.get("model_names") or ()}
-        names = tuple(sorted(listed & live))
-        return names, int(status.get("queue_length", 0)), float(status.get("speed", 1))
+        names = tuple(sorted(listed & set(status.model_names)))
+        return names, status.queue_length, float(status.speed)
 
     async def _mark_down(self, worker: Worker, why: str) -> None:
         self.metrics.upstream_up.labels(worker.url).set(0)
@@ -173,7 +178,11 @@ class WorkerPool:
         await self._emit(PoolEvent("down", worker, removed=worker.model_names))
 
     async def report_failure(self, url: str, exc: UpstreamError) -> None:
-        """A request found the worker unreachable: don't wait for the next poll to say so."""
+        """A request failed on ``url``. Its cached templates are dropped (a worker restarted
+        between two polls may come back with another model), and a worker found unreachable
+        is marked down at once instead of at the next poll."""
+        for key in [key for key in self._info if key[0] == url]:
+            del self._info[key]
         worker = self.workers.get(url)
         if worker is not None and exc.reason == "unreachable":
             await self._mark_down(worker, str(exc))
@@ -208,8 +217,12 @@ class WorkerPool:
         return any(w.alive for w in self.workers.values())
 
     # --- routing ------------------------------------------------------------------------
-    async def resolve(self, model: str | None, kind: WorkerKind = "llm") -> Route:
-        """Pick the worker for a request; ``model=None`` means the only served model."""
+    async def resolve(
+        self, model: str | None, kind: WorkerKind = "llm", *, takes_slot: bool = True
+    ) -> Route:
+        """Pick the worker for a request; ``model=None`` means the only served model.
+        ``takes_slot``: the call occupies a worker slot (generate, embeddings), so it counts
+        towards the worker's queue until the next poll; count_token and metadata do not."""
         table = self.served(kind)
         if model is None:
             if len(table) != 1:
@@ -217,17 +230,27 @@ class WorkerPool:
             model = next(iter(table))
         candidates = table.get(model)
         if not candidates:
-            raise NoWorker(model, table)
+            raise NoWorker(model, table, known=self.knows(model, kind))
         best = min(candidates, key=_load)
-        # Like FastChat's controller: count the dispatch at once, the next poll corrects it,
-        # so a burst between two polls spreads over the workers instead of piling on one.
-        best.queue_length += 1
+        if takes_slot:
+            # Like FastChat's controller: count the dispatch at once, the next poll corrects
+            # it, so a burst between two polls spreads over the workers instead of piling on
+            # one.
+            best.queue_length += 1
         if best.dispatching:
             address = await self.client.worker_address(best.url, model)
             if not address:
-                raise NoWorker(model, table)
+                raise NoWorker(model, table, known=True)
             return Route(address, model, kind)
         return Route(best.url, model, kind)
+
+    def knows(self, model: str, kind: WorkerKind | None = None) -> bool:
+        """Whether any worker, alive or not, served ``model`` when last seen."""
+        return any(
+            model in worker.model_names
+            for worker in self.workers.values()
+            if kind is None or worker.kind == kind
+        )
 
     # --- per (worker, model) cache ------------------------------------------------------
     async def model_info(self, route: Route) -> ModelInfo:

@@ -16,8 +16,11 @@ from typing import Any
 
 import httpx
 
+from adapter.controller_api import run_expiry
 from adapter.metrics import Metrics
 from adapter.pool import WorkerPool
+from adapter.registration import Registrar
+from adapter.registry import ModelRegistry
 from adapter.settings import Settings
 from adapter.upstream import FastChatClient, make_http_client
 
@@ -62,6 +65,10 @@ class Runtime:
     http: httpx.AsyncClient
     client: FastChatClient
     pool: WorkerPool
+    # Keeps every DB-GPT controller's view of us true (adapter/registration.py).
+    registrar: Registrar | None = None
+    # Standalone only (no --controller-address): the controller registry we serve ourselves.
+    registry: ModelRegistry | None = None
     inflight: InFlight = field(default_factory=InFlight)
     shutting_down: bool = False
     # Run in order by begin_shutdown(), before uvicorn stops accepting and drains streams.
@@ -82,21 +89,38 @@ class Runtime:
             fastchat_controller=settings.fastchat_controller_address,
             only_models=settings.model_names,
         )
-        return cls(settings, metrics, http, client, pool)
+        registry = ModelRegistry() if settings.standalone else None
+        registrar = Registrar.create(settings, pool, http, metrics, registry)
+        pool.add_listener(registrar.on_pool_event)  # worker down/up/model list -> controllers
+        runtime = cls(settings, metrics, http, client, pool, registrar, registry)
+        runtime.shutdown_steps.append(registrar.shutdown)  # stop heartbeats, deregister
+        return runtime
 
     @property
     def ready(self) -> bool:
-        """Ready: not shutting down and at least one upstream worker answers."""
-        return not self.shutting_down and self.pool.any_alive()
+        """Ready: not shutting down, at least one upstream worker answers, and what it serves
+        is registered (``Registrar.registered_everywhere``; immediate when standalone)."""
+        registered = self.registrar is None or self.registrar.registered_everywhere
+        return not self.shutting_down and self.pool.any_alive() and registered
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.append(task)
+        return task
 
     async def start(self) -> None:
         # One poll before serving, so the first requests already know the workers.
         await self.pool.refresh()
         self.spawn(self.pool.run(self.settings.status_interval), "status-poll")
+        if self.registry is not None:
+            expiry = run_expiry(
+                self.registry,
+                interval=self.settings.heartbeat_interval,
+                timeout=self.settings.standalone_heartbeat_timeout,
+            )
+            self.spawn(expiry, "registry-expiry")
+        if self.registrar is not None:
+            self.registrar.start(self.spawn)  # registers at once, then heartbeats
 
     async def begin_shutdown(self) -> None:
         """First half of SIGTERM: not ready, then each step (stop heartbeats, deregister)."""
@@ -108,6 +132,8 @@ class Runtime:
                 log.exception("shutdown step %s failed", getattr(step, "__name__", step))
 
     async def stop(self) -> None:
+        if not self.shutting_down:  # lifespan ended without our SIGTERM path: still deregister
+            await self.begin_shutdown()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

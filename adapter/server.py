@@ -20,6 +20,7 @@ from types import FrameType
 import uvicorn
 
 from adapter.app import create_app
+from adapter.logs import setup_logging
 from adapter.runtime import Runtime
 from adapter.settings import Settings
 
@@ -71,6 +72,7 @@ def build_server(settings: Settings) -> AdapterServer:
 
 
 def serve(settings: Settings) -> int:
+    setup_logging(settings.log_format, settings.log_level)
     server = build_server(settings)
     asyncio.run(server.serve())
     return 0

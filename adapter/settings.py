@@ -109,7 +109,9 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, gt=0, description="Largest request body accepted, bytes."
     )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Least severe level logged (request bodies: never at info)."
+    )
 
     @field_validator(
         "worker_address",

@@ -1,28 +1,34 @@
 """The one place that talks HTTP to FastChat workers and controllers.
 
-Every call goes through one pooled ``httpx.AsyncClient`` created by the process. Failures are
-turned into ``UpstreamError`` with a ``reason`` that names what went wrong, so callers can map
-them to in-band error frames and metrics without inspecting httpx exceptions::
+Every call goes through one pooled ``httpx.AsyncClient`` created by the process, and every reply
+is parsed with ``protocol.fastchat``'s wire models. Failures are turned into ``UpstreamError``
+with a ``reason`` that names what went wrong, so callers can map them to in-band error frames
+and metrics without inspecting httpx exceptions::
 
     UpstreamError
      ├── reason "unreachable"    connect failed / refused (error code 50005, no worker)
      ├── reason "idle_timeout"   no frame within the idle timeout (50006)
      ├── reason "http_status"    non-200 answer (50001)
      ├── reason "broken_stream"  body ended early or the connection reset (50001)
-     └── reason "malformed"      undecodable body or frame (50001)
+     ├── reason "malformed"      undecodable body or frame (50001)
+     └── reason "in_band"        the worker's own error object (its error_code, else 50001)
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any, Final
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, Final, TypeVar, cast
 
 import anyio
 import httpx
 
-from protocol.errors import ProtocolError
+from protocol import fastchat
+from protocol._wire import WireModel
+from protocol.errors import ProtocolError, WorkerError
+from protocol.fastchat import ConvTemplate, GenerationParams, WorkerStatus
 from protocol.framing import FrameDecoder
+from protocol.translate import count_from_reply, embeddings_from_reply
 
 CONTROLLER_NO_WORKER: Final = 50005
 CONTROLLER_WORKER_TIMEOUT: Final = 50006
@@ -33,18 +39,24 @@ _CODE_BY_REASON: Final = {
     "idle_timeout": CONTROLLER_WORKER_TIMEOUT,
 }
 
+_Reply = TypeVar("_Reply", bound=WireModel)
+_T = TypeVar("_T")
+
 
 class UpstreamError(Exception):
     """A FastChat worker or controller could not give a usable answer."""
 
-    def __init__(self, worker: str, reason: str, detail: str) -> None:
+    def __init__(self, worker: str, reason: str, detail: str, *, code: int | None = None) -> None:
         super().__init__(f"FastChat worker {worker}: {reason}: {detail}")
         self.worker = worker
         self.reason = reason
         self.detail = detail
+        self._code = code
 
     @property
     def error_code(self) -> int:
+        if self._code:
+            return self._code
         return _CODE_BY_REASON.get(self.reason, INTERNAL_ERROR)
 
 
@@ -67,50 +79,57 @@ class FastChatClient:
         self._idle_timeout = idle_timeout
 
     # --- worker routes ------------------------------------------------------------------
-    async def status(self, worker: str, model: str | None = None) -> dict[str, Any]:
-        return await self._post_json(worker, "/worker_get_status", _model_body(model))
+    async def status(self, worker: str, model: str | None = None) -> WorkerStatus:
+        body = {"model": model} if model else {}
+        return _parse(
+            worker, WorkerStatus, await self._post_json(worker, "/worker_get_status", body)
+        )
 
-    async def conv_template(self, worker: str, model: str) -> dict[str, Any]:
+    async def conv_template(self, worker: str, model: str) -> ConvTemplate:
         reply = await self._post_json(worker, "/worker_get_conv_template", {"model": model})
-        conv = reply.get("conv")
-        if not isinstance(conv, dict):
-            raise UpstreamError(worker, "malformed", f"template reply without 'conv': {reply!r}")
-        return conv
+        return _parse(worker, fastchat.ConvTemplateReply, reply).conv
 
     async def context_length(self, worker: str, model: str) -> int:
         reply = await self._post_json(worker, "/model_details", {"model": model})
-        value = reply.get("context_length")
-        if not isinstance(value, int) or value <= 0:
-            raise UpstreamError(worker, "malformed", f"model_details reply: {reply!r}")
-        return value
+        return _parse(worker, fastchat.ModelDetailsReply, reply).context_length
 
     async def count_token(self, worker: str, model: str, prompt: str) -> int:
-        reply = await self._post_json(worker, "/count_token", {"model": model, "prompt": prompt})
-        count = reply.get("count")
-        if not isinstance(count, int) or reply.get("error_code", 0) != 0:
-            raise UpstreamError(worker, "malformed", f"count_token reply: {reply!r}")
-        return count
+        body = fastchat.CountTokenRequest(model=model, prompt=prompt).to_wire()
+        reply = await self._post_json(worker, "/count_token", body)
+        return _translated(worker, count_from_reply, reply)
 
-    async def generate(self, worker: str, params: dict[str, Any]) -> dict[str, Any]:
-        # No total timeout: a long non-stream generation is legitimate; the idle timeout
-        # bounds the wait for the single answer instead.
-        return await self._post_json(worker, "/worker_generate", params, read=self._idle_timeout)
-
-    async def embeddings(self, worker: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, worker: str, params: GenerationParams) -> dict[str, Any]:
+        """The ``/worker_generate`` reply (FastChat's last chunk, or its error object). No
+        total timeout: a long generation is legitimate; the idle timeout bounds the wait."""
         return await self._post_json(
-            worker, "/worker_get_embeddings", body, read=self._idle_timeout, accept_error=True
+            worker, "/worker_generate", params.to_wire(), read=self._idle_timeout
         )
+
+    async def embeddings(
+        self, worker: str, request: fastchat.EmbeddingsRequest
+    ) -> list[list[float]]:
+        """One vector per input, in order; the worker's error object is an ``in_band`` error."""
+        reply = await self._post_json(
+            worker,
+            "/worker_get_embeddings",
+            request.to_wire(),
+            read=self._idle_timeout,
+            accept_error=True,
+        )
+        expected = len(request.input)
+        return _translated(worker, lambda r: embeddings_from_reply(r, expected=expected), reply)
 
     @asynccontextmanager
     async def generate_stream(
-        self, worker: str, params: dict[str, Any]
+        self, worker: str, params: GenerationParams
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """Open the stream; iterate decoded chunks. Leaving the block closes the upstream
-        connection at once, which is how FastChat frees the worker's concurrency slot."""
+        connection at once if the body is unfinished, which is how FastChat frees the worker's
+        concurrency slot."""
         request = self._http.build_request(
             "POST",
             worker + "/worker_generate_stream",
-            json=params,
+            json=params.to_wire(),
             timeout=httpx.Timeout(
                 connect=self._http.timeout.connect, read=None, write=30.0, pool=None
             ),
@@ -123,47 +142,62 @@ class FastChatClient:
             if response.status_code != 200:
                 body = (await response.aread())[:500].decode("utf-8", "replace")
                 raise UpstreamError(worker, "http_status", f"HTTP {response.status_code}: {body}")
-            yield self._chunks(worker, response)
+            chunks = self._chunks(worker, response)
+            try:
+                yield chunks
+            finally:
+                await chunks.aclose()
         finally:
             await response.aclose()
 
-    async def _chunks(self, worker: str, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-        decoder = FrameDecoder()
-        raw = response.aiter_raw()
-        while True:
-            try:
-                with anyio.fail_after(self._idle_timeout):
-                    data = await raw.__anext__()
-            except StopAsyncIteration:
-                break
-            except TimeoutError as exc:
-                raise UpstreamError(
-                    worker, "idle_timeout", f"no frame for {self._idle_timeout:g} s"
-                ) from exc
-            except httpx.HTTPError as exc:
-                raise _transport_error(worker, exc) from exc
-            try:
-                frames = decoder.feed(data)
-            except ProtocolError as exc:
-                raise UpstreamError(worker, "malformed", str(exc)) from exc
-            for frame in frames:
-                yield frame
+    async def _chunks(
+        self, worker: str, response: httpx.Response
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        # httpx's raw iterator is an async generator: close it with us, not at GC time.
+        raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+        async with aclosing(raw):
+            decoder = FrameDecoder()
+            while True:
+                try:
+                    with anyio.fail_after(self._idle_timeout):
+                        data = await raw.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as exc:
+                    detail = f"no frame for {self._idle_timeout:g} s"
+                    raise UpstreamError(worker, "idle_timeout", detail) from exc
+                except httpx.HTTPError as exc:
+                    raise _transport_error(worker, exc) from exc
+                try:
+                    frames = decoder.feed(data)
+                except ProtocolError as exc:
+                    raise UpstreamError(worker, "malformed", str(exc)) from exc
+                for frame in frames:
+                    yield frame
+                if frames:
+                    # The decoder hands over the good frames before a bad one and keeps the
+                    # error for its next call: surface it now, not after the next write.
+                    try:
+                        decoder.feed(b"")
+                    except ProtocolError as exc:
+                        raise UpstreamError(worker, "malformed", str(exc)) from exc
+        if decoder.pending:
+            detail = f"the body ended inside a frame ({decoder.pending} bytes without a NUL)"
+            raise UpstreamError(worker, "broken_stream", detail)
         try:
             decoder.close()
         except ProtocolError as exc:
-            raise UpstreamError(worker, "broken_stream", str(exc)) from exc
+            raise UpstreamError(worker, "malformed", str(exc)) from exc
 
     # --- controller routes (FastChat controller, §2) ------------------------------------
     async def list_models(self, controller: str) -> list[str]:
         reply = await self._post_json(controller, "/list_models", {})
-        models = reply.get("models")
-        if not isinstance(models, list):
-            raise UpstreamError(controller, "malformed", f"list_models reply: {reply!r}")
-        return sorted(str(m) for m in models)
+        return sorted(_parse(controller, fastchat.ListModelsReply, reply).models)
 
     async def worker_address(self, controller: str, model: str) -> str:
-        reply = await self._post_json(controller, "/get_worker_address", {"model": model})
-        return str(reply.get("address") or "").rstrip("/")
+        body = fastchat.GetWorkerAddress(model=model).to_wire()
+        reply = await self._post_json(controller, "/get_worker_address", body)
+        return _parse(controller, fastchat.WorkerAddressReply, reply).address.rstrip("/")
 
     # --- plumbing -----------------------------------------------------------------------
     async def _post_json(
@@ -192,21 +226,43 @@ class FastChatClient:
         try:
             reply = response.json()
         except ValueError as exc:
+            if response.status_code != 200:
+                text = response.text[:500]
+                detail = f"{path}: HTTP {response.status_code}: {text}"
+                raise UpstreamError(worker, "http_status", detail) from exc
             raise UpstreamError(worker, "malformed", f"{path}: not JSON: {exc}") from exc
         if not isinstance(reply, dict):
             raise UpstreamError(worker, "malformed", f"{path}: expected an object: {reply!r}")
         if response.status_code != 200 and "error_code" not in reply:
-            raise UpstreamError(worker, "http_status", f"{path}: HTTP {response.status_code}")
+            detail = f"{path}: HTTP {response.status_code}: {response.text[:500]}"
+            raise UpstreamError(worker, "http_status", detail)
         return reply
 
 
-def _model_body(model: str | None) -> dict[str, Any]:
-    return {"model": model} if model else {}
+def _parse(worker: str, model: type[_Reply], reply: dict[str, Any]) -> _Reply:
+    try:
+        return model.from_wire(reply)
+    except ProtocolError as exc:
+        raise UpstreamError(worker, "malformed", f"{model.__name__}: {exc}") from exc
+
+
+def _translated(
+    worker: str, translate: Callable[[dict[str, Any]], _T], reply: dict[str, Any]
+) -> _T:
+    """``translate(reply)`` with protocol errors as ``UpstreamError`` (``in_band`` for the
+    worker's own error object, keeping its code; ``malformed`` otherwise)."""
+    try:
+        return translate(reply)
+    except WorkerError as exc:
+        raise UpstreamError(worker, "in_band", exc.text, code=exc.error_code) from exc
+    except ProtocolError as exc:
+        raise UpstreamError(worker, "malformed", str(exc)) from exc
 
 
 def _transport_error(worker: str, exc: httpx.HTTPError) -> UpstreamError:
+    detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return UpstreamError(worker, "unreachable", str(exc) or type(exc).__name__)
+        return UpstreamError(worker, "unreachable", detail)
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamError(worker, "idle_timeout", str(exc) or type(exc).__name__)
-    return UpstreamError(worker, "broken_stream", str(exc) or type(exc).__name__)
+        return UpstreamError(worker, "idle_timeout", detail)
+    return UpstreamError(worker, "broken_stream", detail)

@@ -245,15 +245,16 @@ class Usage(_Reply):
 
 
 class ModelOutput(_Reply):
-    """One generation frame in the legacy ``text`` form (§7.3), readable by DB-GPT 0.5.3–0.8.2.
+    """One generation frame in the legacy ``text`` form (§7.3), readable by DB-GPT 0.4.2–0.8.2.
 
     Never ``content`` (0.7.0 stores it raw; ≤ 0.6 crashes on it), never both, and no FastChat
-    extras such as ``logprobs``. ``text`` is cumulative and ``incremental`` always false.
+    extras such as ``logprobs``. ``text`` is cumulative. ``incremental`` is left out on purpose:
+    every version that knows the key defaults it to false, and 0.4.2–0.5.2 clients, which parse
+    with ``ModelOutput(**data)``, raise on it (§7.2).
     """
 
     text: str
     error_code: int
-    incremental: Literal[False] = False
     model_context: dict[str, Any] | None = None
     finish_reason: Literal["stop", "length"] | None = None
     usage: Usage | None = None

@@ -307,13 +307,13 @@ def test_worker_startup_request_8_8() -> None:
 # --- replies ------------------------------------------------------------------------------
 
 
-def test_model_output_round_trip_7_3() -> None:
+def test_model_output_round_trip_7_3_without_incremental() -> None:
+    # §7.3 notes that dropping `incremental` extends the readable range down to 0.4.2.
     wire = ModelOutput.from_wire(OUTPUT_7_3).to_wire()
-    assert wire == OUTPUT_7_3
+    assert wire == {key: value for key, value in OUTPUT_7_3.items() if key != "incremental"}
     assert list(wire) == [
         "text",
         "error_code",
-        "incremental",
         "model_context",
         "finish_reason",
         "usage",
@@ -325,14 +325,12 @@ def test_model_output_never_carries_content_or_fastchat_extras() -> None:
     raw = {**OUTPUT_7_3, "logprobs": None, "cumulative_logprob": [1.0], "content": "x"}
     wire = ModelOutput.from_wire(raw).to_wire()
     assert "content" not in wire and "logprobs" not in wire and "cumulative_logprob" not in wire
-    assert wire["incremental"] is False
+    assert "incremental" not in wire
 
 
 def test_model_output_refuses_other_finish_reasons() -> None:
     with pytest.raises(InvalidReply, match="finish_reason"):
         ModelOutput.from_wire({**OUTPUT_7_3, "finish_reason": "abort"})
-    with pytest.raises(InvalidReply, match="incremental"):
-        ModelOutput.from_wire({**OUTPUT_7_3, "incremental": True})
 
 
 def test_model_metadata_exact_key_set() -> None:

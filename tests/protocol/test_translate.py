@@ -354,7 +354,6 @@ def test_error_chunk_is_forwarded_and_ends_the_stream() -> None:
     assert error is not None and error.to_wire() == {
         "text": ERROR_CHUNK["text"],
         "error_code": 50001,
-        "incremental": False,
         "model_context": None,
         "finish_reason": None,
         "usage": None,

@@ -1,0 +1,124 @@
+"""The registrar's side of a DB-GPT controller: three calls, two ways to reach it.
+
+``HttpController`` talks to a real controller (``--controller-address``) over the process's one
+pooled HTTP client, sending exactly what DB-GPT's own ``ModelRegistryClient`` sends
+(PROTOCOLS.md §5.5). ``EmbeddedController`` writes into the adapter's own registry in
+standalone mode: in-process rather than over loopback HTTP because the adapter's lifespan
+startup (where registration begins) runs before uvicorn has bound its socket, and because the
+bind host need not be reachable as 127.0.0.1. Both present the same interface, so the
+registrar has one code path for both.
+
+Every failure (refused, timed out, non-2xx) is one ``ControllerError``; the registrar retries.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httpx
+
+from adapter.registry import ModelRegistry
+from protocol.dbgpt import ModelInstance
+
+__all__ = ["ControllerError", "ControllerLink", "EmbeddedController", "HttpController"]
+
+# A controller call is a dict operation on the far side; anything slower means trouble, and a
+# slow call holds up that controller's queue (never the others', nor request serving).
+CALL_TIMEOUT = 5.0
+
+
+class ControllerError(Exception):
+    """A controller did not accept a call."""
+
+    def __init__(self, controller: str, detail: str) -> None:
+        super().__init__(f"DB-GPT controller {controller}: {detail}")
+        self.controller = controller
+
+
+class ControllerLink(Protocol):
+    """What the registrar needs from one controller. ``name`` labels logs and metrics."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def register(self, instance: ModelInstance) -> None: ...
+
+    async def heartbeat(self, instance: ModelInstance) -> None: ...
+
+    async def deregister(
+        self, instance: ModelInstance, *, remove: bool, timeout: float = CALL_TIMEOUT
+    ) -> None: ...
+
+
+class HttpController:
+    """A DB-GPT controller at ``url`` (no trailing slash)."""
+
+    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+        self._url = url
+        self._http = http
+
+    @property
+    def name(self) -> str:
+        return self._url
+
+    async def register(self, instance: ModelInstance) -> None:
+        await self._send("POST", "/api/controller/models", json=instance.to_wire())
+
+    async def heartbeat(self, instance: ModelInstance) -> None:
+        # The full body, not just the key: a heartbeat of an unknown instance registers it
+        # from this body, which is how a restarted controller gets everything back (§5.3).
+        await self._send("POST", "/api/controller/heartbeat", json=instance.to_wire())
+
+    async def deregister(
+        self, instance: ModelInstance, *, remove: bool, timeout: float = CALL_TIMEOUT
+    ) -> None:
+        # DELETE reads only the query string (§5.2). A soft delete leaves the parameter out
+        # altogether, so it means the same on controllers older than 0.7.
+        params = instance.delete_params(remove_from_registry=remove)
+        if not remove:
+            del params["remove_from_registry"]
+        await self._send("DELETE", "/api/controller/models", params=params, timeout=timeout)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: object = None,
+        params: dict[str, str] | None = None,
+        timeout: float = CALL_TIMEOUT,
+    ) -> None:
+        try:
+            response = await self._http.request(
+                method, self._url + path, json=json, params=params, timeout=timeout
+            )
+        except httpx.HTTPError as exc:
+            raise ControllerError(self._url, f"{method} {path}: {exc!r}") from exc
+        if not response.is_success:
+            body = response.text[:300]
+            raise ControllerError(self._url, f"{method} {path}: HTTP {response.status_code} {body}")
+
+
+class EmbeddedController:
+    """The adapter's own registry (standalone mode): immediate, and it cannot fail."""
+
+    def __init__(self, name: str, registry: ModelRegistry) -> None:
+        self._name = name
+        self._registry = registry
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def register(self, instance: ModelInstance) -> None:
+        self._registry.register(instance)
+
+    async def heartbeat(self, instance: ModelInstance) -> None:
+        self._registry.heartbeat(instance)
+
+    async def deregister(
+        self, instance: ModelInstance, *, remove: bool, timeout: float = CALL_TIMEOUT
+    ) -> None:
+        self._registry.deregister(
+            instance.model_name, instance.host, instance.port, remove_from_registry=remove
+        )

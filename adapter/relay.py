@@ -1,0 +1,221 @@
+"""One generation request, from a parsed ``PromptRequest`` to DB-GPT frames (PROTOCOLS.md §9).
+
+The pipeline, shared by ``/generate_stream`` and ``/generate``::
+
+    resolve the worker (shortest queue)          unknown model      -> 40301 / 50005
+    model_info: template + context length        (cached per worker and model)
+    build_prompt                                  template unusable  -> 50001
+    /count_token                                  (the one call a steady-state request adds)
+    plan_generation                               context overflow   -> 40303, nothing sent
+    /worker_generate_stream or /worker_generate
+
+Every failure becomes exactly one ``ModelOutput`` with a non-zero ``error_code`` and a message
+naming the worker and the cause (``UpstreamError``'s text): 50005 unreachable, 50006 idle
+timeout, 50001 anything else (HTTP error, broken or malformed stream). The stream route sends
+it as its last frame, the non-stream route as its body, both with HTTP 200, because DB-GPT's
+stream reader never looks at the status and its non-stream client would replace our message
+with its own (§6.3, §8.5). An error chunk from the worker is forwarded as it is, and ends the
+stream.
+
+Streaming relays each upstream frame as one downstream frame the moment it is decoded. After
+the frame that ends the stream (a finish reason or an error), the rest of the upstream body is
+read and dropped, so the worker sees a complete exchange and the connection goes back to the
+pool; a failure during that drain changes nothing downstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from adapter.pool import NoWorker, Route
+from adapter.streaming import Emit
+from adapter.tracking import Outcome, Tracker
+from adapter.upstream import UpstreamError
+from protocol.dbgpt import ModelOutput, PromptRequest
+from protocol.errors import ContextOverflow, InvalidRequest, ProtocolError
+from protocol.fastchat import ErrorCode
+from protocol.framing import encode_frame
+from protocol.translate import (
+    GenerationPlan,
+    StreamTranslator,
+    build_prompt,
+    error_output,
+    plan_generation,
+    translate_reply,
+)
+
+if TYPE_CHECKING:
+    from adapter.runtime import Runtime
+
+__all__ = ["Failure", "Prepared", "Relay", "frame"]
+
+log = logging.getLogger("fastchat_adapter.relay")
+
+
+def frame(output: ModelOutput) -> bytes:
+    return encode_frame(output.to_wire())
+
+
+class Failure(Exception):
+    """The request is answered with ``output`` (an error) instead of a generation."""
+
+    def __init__(self, output: ModelOutput, outcome: Outcome) -> None:
+        super().__init__(output.text)
+        self.output = output
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class Prepared:
+    route: Route
+    plan: GenerationPlan
+
+
+class Relay:
+    """One ``PromptRequest`` on its way to a FastChat worker and back."""
+
+    def __init__(self, runtime: Runtime, request: PromptRequest, tracker: Tracker) -> None:
+        self.runtime = runtime
+        self.request = request
+        self.tracker = tracker
+
+    # --- preparation (both routes) ------------------------------------------------------
+    async def prepare(self) -> Prepared:
+        """Everything before the generate call; raises ``Failure``."""
+        runtime, request = self.runtime, self.request
+        try:
+            route = await runtime.pool.resolve(request.model, "llm")
+        except NoWorker as exc:
+            raise Failure(error_output(exc.error_code, str(exc)), "rejected") from exc
+        except UpstreamError as exc:  # the FastChat controller we dispatch through
+            raise await self._upstream_failure(exc) from exc
+        settings = runtime.settings
+        numbering = None if settings.sep_style_numbering == "auto" else settings.sep_style_numbering
+        try:
+            info = await runtime.pool.model_info(route)
+            prompt = build_prompt(request, info.conv, numbering=numbering)
+            tokens = await runtime.client.count_token(route.worker, route.model, prompt)
+            plan = plan_generation(
+                request,
+                model=route.model,
+                prompt=prompt,
+                template=info.conv,
+                context_length=info.context_length,
+                prompt_tokens=tokens,
+                default_temperature=settings.default_temperature,
+            )
+        except UpstreamError as exc:
+            raise await self._upstream_failure(exc) from exc
+        except (InvalidRequest, ContextOverflow) as exc:
+            raise Failure(error_output(exc.error_code, str(exc)), "rejected") from exc
+        except ProtocolError as exc:  # the worker's template cannot be rendered
+            detail = f"its conversation template cannot be used: {exc}"
+            raise await self._upstream_failure(
+                UpstreamError(route.worker, "malformed", detail)
+            ) from exc
+        return Prepared(route, plan)
+
+    async def _upstream_failure(self, exc: UpstreamError) -> Failure:
+        """Count, log and report a worker failure; the ``Failure`` that answers it."""
+        metrics = self.runtime.metrics
+        metrics.upstream_errors.labels(exc.worker, self.tracker.model, exc.reason).inc()
+        log.warning("%s", exc)
+        await self.runtime.pool.report_failure(exc.worker, exc)
+        return Failure(error_output(exc.error_code, str(exc)), "error")
+
+    def _in_band_error(self, route: Route) -> None:
+        metrics = self.runtime.metrics
+        metrics.upstream_errors.labels(route.worker, self.tracker.model, "in_band").inc()
+
+    # --- /generate_stream ---------------------------------------------------------------
+    async def stream(self, emit: Emit) -> Outcome:
+        """Produce every frame of the answer (see ``FrameStreamResponse``)."""
+        try:
+            return await self._stream(emit)
+        except Exception as exc:  # a bug of ours: still end the stream with one error frame
+            log.exception("generate_stream failed inside the adapter")
+            await emit(frame(_internal_error(exc)))
+            return "error"
+
+    async def _stream(self, emit: Emit) -> Outcome:
+        try:
+            prepared = await self.prepare()
+        except Failure as failure:
+            await emit(frame(failure.output))
+            return failure.outcome
+        route, plan = prepared.route, prepared.plan
+        translator = StreamTranslator(echo_prompt=plan.echo_prompt)
+        outcome: Outcome = "ok"
+        try:
+            async with self.runtime.client.generate_stream(route.worker, plan.params) as chunks:
+                async for chunk in chunks:
+                    output = _translate(translator, chunk, route)
+                    if output is None:
+                        continue
+                    if output.error_code:
+                        self._in_band_error(route)
+                        outcome = "error"
+                    else:
+                        self.tracker.frame_relayed()
+                    await emit(frame(output))
+        except UpstreamError as exc:
+            if translator.ended:
+                return outcome
+            broken = await self._upstream_failure(exc)
+            await emit(frame(broken.output))
+            return "error"
+        final = translator.finish()
+        if final is None:
+            return outcome
+        if final.error_code:  # a clean body without a single chunk
+            empty = UpstreamError(route.worker, "broken_stream", "the stream had no chunk")
+            broken = await self._upstream_failure(empty)
+            await emit(frame(broken.output))
+            return "error"
+        self.tracker.frame_relayed()
+        await emit(frame(final))
+        return "ok"
+
+    # --- /generate ----------------------------------------------------------------------
+    async def generate(self) -> tuple[ModelOutput, Outcome]:
+        """The one ``ModelOutput`` of a non-stream generation, and the outcome."""
+        try:
+            prepared = await self.prepare()
+            route, plan = prepared.route, prepared.plan
+            try:
+                reply = await self.runtime.client.generate(route.worker, plan.params)
+                output = _translate_reply(reply, plan, route)
+            except UpstreamError as exc:
+                raise await self._upstream_failure(exc) from exc
+        except Failure as failure:
+            return failure.output, failure.outcome
+        except Exception as exc:  # a bug of ours: still answer with a ModelOutput
+            log.exception("generate failed inside the adapter")
+            return _internal_error(exc), "error"
+        if output.error_code:
+            self._in_band_error(route)
+            return output, "error"
+        return output, "ok"
+
+
+def _translate(
+    translator: StreamTranslator, chunk: dict[str, Any], route: Route
+) -> ModelOutput | None:
+    try:
+        return translator.translate(chunk)
+    except ProtocolError as exc:
+        raise UpstreamError(route.worker, "malformed", f"chunk: {exc}") from exc
+
+
+def _translate_reply(reply: dict[str, Any], plan: GenerationPlan, route: Route) -> ModelOutput:
+    try:
+        return translate_reply(reply, echo_prompt=plan.echo_prompt)
+    except ProtocolError as exc:
+        raise UpstreamError(route.worker, "malformed", f"reply: {exc}") from exc
+
+
+def _internal_error(exc: Exception) -> ModelOutput:
+    message = f"fastchat-adapter internal error: {type(exc).__name__}: {exc}"
+    return error_output(ErrorCode.INTERNAL_ERROR, message)

@@ -1,0 +1,176 @@
+"""compose.yaml and the Dockerfiles, checked without a Docker engine.
+
+The compose file is validated against the Compose Specification's JSON schema, as vendored by
+the check-jsonschema package (a test dependency), then against our own rules: every service has
+a healthcheck, every dependency waits for service_healthy, and the adapter's command is valid
+for the adapter's own CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema.validators import validator_for
+
+from adapter.cli import build_parser, settings_from_args
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = {
+    "fastchat-controller",
+    "fastchat-model-worker",
+    "adapter",
+    "dbgpt-controller",
+    "dbgpt-apiserver",
+}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def compose_schema() -> dict[str, Any]:
+    vendored = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(vendored.read_text(encoding="utf-8"))
+    assert isinstance(schema, dict)
+    return schema
+
+
+def test_compose_file_validates_against_the_compose_spec(compose: dict[str, Any]) -> None:
+    schema = compose_schema()
+    validator = validator_for(schema)(schema)  # the draft the schema declares (2020-12 now)
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(compose)]
+    assert errors == []
+
+
+def test_the_schema_catches_mistakes(compose: dict[str, Any]) -> None:
+    """A guard against a schema that accepts anything."""
+    broken = json.loads(json.dumps(compose))
+    broken["services"]["adapter"]["depends_on"]["dbgpt-controller"]["condition"] = "healthy"
+    broken["services"]["adapter"]["healthcheck"]["intervall"] = "5s"
+    schema = compose_schema()
+    assert len(list(validator_for(schema)(schema).iter_errors(broken))) >= 2
+
+
+def test_the_migration_topology(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == SERVICES
+
+
+def test_every_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        check = service.get("healthcheck")
+        assert check and not check.get("disable"), name
+        assert check["test"][0] == "CMD", name  # exec form: no shell needed in slim images
+        assert {"interval", "timeout", "retries", "start_period"} <= set(check), name
+
+
+def test_dependencies_wait_for_healthy_services(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        for dependency, spec in service.get("depends_on", {}).items():
+            assert dependency in services, (name, dependency)
+            assert spec == {"condition": "service_healthy"}, (name, dependency)
+    assert set(services["adapter"]["depends_on"]) == {"fastchat-model-worker", "dbgpt-controller"}
+    assert "fastchat-controller" in services["fastchat-model-worker"]["depends_on"]
+    assert "adapter" in services["dbgpt-apiserver"]["depends_on"]
+
+
+def _flags(argv: list[str]) -> dict[str, str]:
+    return {a: b for a, b in zip(argv, [*argv[1:], ""], strict=True) if a.startswith("--")}
+
+
+def test_adapter_command_is_valid_for_the_adapter_cli(compose: dict[str, Any]) -> None:
+    command = compose["services"]["adapter"]["command"]
+    settings = settings_from_args(build_parser().parse_args(command))
+    assert settings.worker_address == ["http://fastchat-model-worker:21002"]
+    assert settings.controller_address == ["http://dbgpt-controller:8000"]
+    assert settings.own_url == "http://adapter:8100"
+    healthcheck = " ".join(compose["services"]["adapter"]["healthcheck"]["test"])
+    assert f":{settings.port}/readyz" in healthcheck
+
+
+def test_peer_commands_use_the_interop_programs_and_flags(compose: dict[str, Any]) -> None:
+    """Same programs and flags as tests/interop (PEERS.md §2.3, §3.4); values are per host."""
+    services = compose["services"]
+    controller = services["fastchat-controller"]["command"]
+    assert controller[:3] == ["python", "-m", "fastchat.serve.controller"]
+    assert set(_flags(controller)) == {"--host", "--port"}
+
+    worker = services["fastchat-model-worker"]["command"]
+    assert worker[:3] == ["python", "-m", "fastchat.serve.model_worker"]
+    flags = _flags(worker)
+    assert set(flags) == {
+        "--host", "--port", "--worker-address", "--controller-address", "--model-path", "--device"
+    }  # fmt: skip
+    assert flags["--worker-address"] == f"http://fastchat-model-worker:{flags['--port']}"
+    assert flags["--controller-address"].endswith(":21001")
+    assert flags["--device"] == "cpu"
+
+    config = tomllib.loads(compose["configs"]["dbgpt-cluster"]["content"])
+    model = config["service"]["model"]
+    for name, kind in (("dbgpt-controller", "controller"), ("dbgpt-apiserver", "apiserver")):
+        command = services[name]["command"]
+        assert command == ["dbgpt", "start", kind, "-c", "/etc/dbgpt/cluster.toml"]
+        assert services[name]["configs"][0]["target"] == "/etc/dbgpt/cluster.toml"
+    assert (
+        model["api"]["controller_addr"] == f"http://dbgpt-controller:{model['controller']['port']}"
+    )
+    published = services["dbgpt-apiserver"]["ports"][0]
+    assert published == f"127.0.0.1:{model['api']['port']}:{model['api']['port']}"
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    text = path.read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def test_adapter_dockerfile() -> None:
+    steps = _instructions(ROOT / "Dockerfile")
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    user = [arg for op, arg in steps if op == "USER"]
+    assert user and user[-1] not in ("root", "0")
+    run = " ".join(arg for op, arg in steps if op == "RUN")
+    assert "pip install ." in run and "useradd" in run
+    assert ("EXPOSE", "8100") in steps
+    healthcheck = next(arg for op, arg in steps if op == "HEALTHCHECK")
+    assert "/readyz" in healthcheck and "curl" not in healthcheck
+    exec_form = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
+    assert exec_form[:2] == ["python", "-c"]
+    compile(exec_form[2], "healthcheck", "exec")  # the one-liner is valid Python
+    assert json.loads(next(arg for op, arg in steps if op == "ENTRYPOINT")) == ["fastchat-adapter"]
+
+
+@pytest.mark.parametrize("name", ["fastchat.Dockerfile", "dbgpt.Dockerfile"])
+def test_peer_dockerfiles_install_the_interop_lock_files(name: str) -> None:
+    steps = _instructions(ROOT / "docker" / name)
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    copied = [shlex.split(arg)[0] for op, arg in steps if op == "COPY"]
+    assert all((ROOT / path).is_file() for path in copied), copied
+    assert any(path.startswith("tests/interop/locks/") for path in copied)
+    assert [arg for op, arg in steps if op == "USER"][-1] != "root"
+
+
+def test_compose_healthchecks_are_valid_python(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        test = service["healthcheck"]["test"]
+        assert test[1:3] == ["python", "-c"], name
+        compile(test[3], f"{name} healthcheck", "exec")

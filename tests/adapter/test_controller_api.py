@@ -1,0 +1,184 @@
+"""The standalone controller API over a real socket, against DB-GPT 0.8.2's measured shapes
+(PROTOCOLS.md §5.2, §5.5)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.fake_controller import FakeController
+
+CAP_BODY = {
+    "model_name": "cap@llm",
+    "host": "127.0.0.1",
+    "port": 25033,
+    "weight": 1.0,
+    "check_healthy": True,
+    "healthy": False,
+    "enabled": True,
+    "prompt_template": None,
+    "last_heartbeat": None,
+    "remove_from_registry": False,
+}
+# What DB-GPT's own ModelRegistryClient sends to deregister (§5.5): every field, no body.
+CLIENT_DELETE_QUERY = (
+    "model_name=cap%40llm&host=127.0.0.1&port=25033&weight=1.0&check_healthy=true&healthy=false"
+    "&enabled=true&prompt_template=&last_heartbeat=&remove_from_registry=true"
+)
+KEYS = list(CAP_BODY)
+
+
+@pytest.fixture
+def controller() -> Iterator[FakeController]:
+    with FakeController() as fake:
+        yield fake
+
+
+@pytest.fixture
+def http(controller: FakeController) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=controller.url, trust_env=False, timeout=5) as client:
+        yield client
+
+
+def detail(reply: httpx.Response) -> list[dict[str, Any]]:
+    assert reply.status_code == 422, reply.text
+    body = reply.json()
+    assert list(body) == ["detail"]
+    for error in body["detail"]:
+        assert {"type", "loc", "msg", "input"} <= set(error)
+    errors: list[dict[str, Any]] = body["detail"]
+    return errors
+
+
+def test_health(http: httpx.Client) -> None:
+    reply = http.get("/api/health")
+    assert (reply.status_code, reply.json()) == (200, {"status": "ok"})
+
+
+def test_register_answers_bare_true_and_lists_exactly_dbgpt_keys(http: httpx.Client) -> None:
+    reply = http.post("/api/controller/models", json=CAP_BODY)
+    assert (reply.status_code, reply.content) == (200, b"true")
+    [listed] = http.get("/api/controller/models").json()
+    assert list(listed) == KEYS
+    assert listed | {"last_heartbeat": None} == CAP_BODY | {"healthy": True}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}", listed["last_heartbeat"])
+
+
+def test_unknown_fields_are_dropped_and_a_numeric_string_port_coerced(http: httpx.Client) -> None:
+    body = CAP_BODY | {"port": "25033", "queue_length": 3, "speed": 2.5, "foo": "bar"}
+    assert http.post("/api/controller/heartbeat", json=body).json() is True
+    [listed] = http.get("/api/controller/models", params={"model_name": "cap@llm"}).json()
+    assert list(listed) == KEYS and listed["port"] == 25033
+
+
+def test_heartbeat_of_an_unknown_instance_registers_it(http: httpx.Client) -> None:
+    assert http.post("/api/controller/heartbeat", json=CAP_BODY).json() is True
+    [listed] = http.get("/api/controller/models", params={"healthy_only": "true"}).json()
+    assert listed["model_name"] == "cap@llm"
+
+
+def test_soft_then_hard_delete_through_query_parameters(http: httpx.Client) -> None:
+    http.post("/api/controller/models", json=CAP_BODY)
+    soft = http.delete("/api/controller/models?model_name=cap%40llm&host=127.0.0.1&port=25033")
+    assert soft.content == b"true"
+    [listed] = http.get("/api/controller/models").json()
+    assert listed["healthy"] is False
+    for flag in ("true", "1"):
+        assert http.get("/api/controller/models", params={"healthy_only": flag}).json() == []
+    assert len(http.get("/api/controller/models", params={"healthy_only": "false"}).json()) == 1
+    hard = http.delete("/api/controller/models?" + CLIENT_DELETE_QUERY)
+    assert (hard.status_code, hard.content) == (200, b"true")
+    assert http.get("/api/controller/models").json() == []
+
+
+def test_delete_of_an_unknown_instance_is_true(http: httpx.Client) -> None:
+    reply = http.delete("/api/controller/models?model_name=x%40llm&host=h&port=1")
+    assert (reply.status_code, reply.content) == (200, b"true")
+
+
+def test_listing_filters_by_worker_key_and_an_unknown_key_inserts_nothing(
+    http: httpx.Client, controller: FakeController
+) -> None:
+    http.post("/api/controller/models", json=CAP_BODY)
+    http.post("/api/controller/models", json=CAP_BODY | {"model_name": "emb@text2vec"})
+    only = http.get("/api/controller/models", params={"model_name": "emb@text2vec"}).json()
+    assert [i["model_name"] for i in only] == ["emb@text2vec"]
+    assert http.get("/api/controller/models", params={"model_name": "ghost@llm"}).json() == []
+    every = http.get("/api/controller/models", params={"model_name": ""}).json()
+    assert [i["model_name"] for i in every] == ["cap@llm", "emb@text2vec"]
+    assert "ghost@llm" not in controller.registry._by_name
+
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "loc"),
+    [
+        ('{"model_name":"m@llm","port":1}', JSON, ["body", "host"]),
+        ('{"model_name":"m@llm","host":"h"}', JSON, ["body", "port"]),
+        ('{"model_name":"m@llm","host":"h","port":"x"}', JSON, ["body", "port"]),
+        ('{"model_name":', JSON, ["body", 14]),  # invalid JSON: the offset of the error
+        ("", JSON, ["body"]),
+        ("[1, 2]", JSON, ["body"]),
+        ('{"model_name":"m@llm","host":"h","port":1}', {"content-type": "text/plain"}, ["body"]),
+    ],
+)
+@pytest.mark.parametrize("path", ["/api/controller/models", "/api/controller/heartbeat"])
+def test_bad_bodies_get_fastapis_422(
+    http: httpx.Client, path: str, content: str, headers: dict[str, str], loc: list[Any]
+) -> None:
+    errors = detail(http.post(path, content=content, headers=headers))
+    assert errors[0]["loc"] == loc
+    assert http.get("/api/controller/models").json() == []
+
+
+def test_delete_needs_its_query_parameters_and_ignores_a_body(http: httpx.Client) -> None:
+    reply = http.request("DELETE", "/api/controller/models", json=CAP_BODY)
+    missing = {tuple(e["loc"]) for e in detail(reply)}
+    assert missing == {("query", "model_name"), ("query", "host"), ("query", "port")}
+    bad_port = http.delete("/api/controller/models?model_name=m%40llm&host=h&port=x")
+    assert detail(bad_port)[0]["loc"] == ["query", "port"]
+
+
+def test_bogus_healthy_only_is_422(http: httpx.Client) -> None:
+    errors = detail(http.get("/api/controller/models", params={"healthy_only": "bogus"}))
+    assert errors[0]["loc"] == ["query", "healthy_only"]
+
+
+def test_unknown_paths_are_404_and_there_are_no_fastchat_routes(http: httpx.Client) -> None:
+    assert http.post("/list_models").status_code == 404
+    assert http.get("/api/controller/nothing").status_code == 404
+
+
+def test_the_recorder_sees_method_path_query_and_body(
+    http: httpx.Client, controller: FakeController
+) -> None:
+    http.post("/api/controller/models", json=CAP_BODY)
+    http.delete("/api/controller/models?" + CLIENT_DELETE_QUERY)
+    post, delete = controller.calls
+    assert (post.method, post.path, post.body, post.status) == (
+        "POST",
+        "/api/controller/models",
+        CAP_BODY,
+        200,
+    )
+    assert delete.raw_query == CLIENT_DELETE_QUERY and delete.body is None
+    assert delete.query["remove_from_registry"] == "true" and delete.at >= post.at
+
+
+def test_injected_failures_and_restart_forget_state(
+    http: httpx.Client, controller: FakeController
+) -> None:
+    http.post("/api/controller/models", json=CAP_BODY)
+    controller.fail_status = 500
+    assert http.post("/api/controller/heartbeat", json=CAP_BODY).status_code == 500
+    assert controller.calls[-1].status == 500
+    controller.fail_status = None
+    controller.restart()
+    with httpx.Client(base_url=controller.url, trust_env=False, timeout=5) as fresh:
+        assert fresh.get("/api/controller/models").json() == []

@@ -1,0 +1,128 @@
+"""``FastChatClient``'s failure labels, on hand-made bodies (``httpx.MockTransport``): each
+failure of a stream is reported once, with the reason that names what happened."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from adapter.upstream import FastChatClient, UpstreamError
+from protocol.fastchat import GenerationParams
+
+WORKER = "http://worker"
+PARAMS = GenerationParams(model="m", prompt="hi", max_new_tokens=4)
+GOOD = b'{"text": "a", "error_code": 0}\0'
+
+
+class Body(httpx.AsyncByteStream):
+    """Writes ``parts`` in order; a float part is a pause of that many seconds."""
+
+    def __init__(self, *parts: bytes | float) -> None:
+        self.parts = parts
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for part in self.parts:
+            if isinstance(part, float):
+                await asyncio.sleep(part)
+            else:
+                yield part
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def client_for(body: Body, idle_timeout: float = 5.0, status: int = 200) -> FastChatClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, stream=body)
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return FastChatClient(http, idle_timeout=idle_timeout)
+
+
+async def read(client: FastChatClient) -> tuple[list[dict[str, Any]], UpstreamError | None]:
+    got: list[dict[str, Any]] = []
+    try:
+        async with client.generate_stream(WORKER, PARAMS) as chunks:
+            async for chunk in chunks:
+                got.append(chunk)
+    except UpstreamError as exc:
+        return got, exc
+    finally:
+        await client._http.aclose()
+    return got, None
+
+
+async def test_clean_stream() -> None:
+    body = Body(GOOD, b'{"text": "ab", "error_code": 0, "finish_reason": "stop"}\0')
+    got, error = await read(client_for(body))
+    assert [c["text"] for c in got] == ["a", "ab"] and error is None
+    assert body.closed
+
+
+async def test_body_ending_inside_a_frame_is_a_broken_stream() -> None:
+    got, error = await read(client_for(Body(GOOD, b'{"text": "ab", "err')))
+    assert len(got) == 1
+    assert error is not None and error.reason == "broken_stream" and error.error_code == 50001
+    assert "ended inside a frame (19 bytes without a NUL)" in str(error)
+
+
+@pytest.mark.parametrize("ending", [b"", b'{"text": "b"}\0'], ids=["then_end", "then_more"])
+async def test_a_bad_frame_is_malformed_whatever_follows(ending: bytes) -> None:
+    got, error = await read(client_for(Body(GOOD + b"not json\0" + ending)))
+    assert len(got) == 1
+    assert error is not None and error.reason == "malformed"
+    assert "frame at stream offset 31" in str(error)
+
+
+async def test_a_bad_frame_is_reported_without_waiting_for_the_next_write() -> None:
+    body = Body(GOOD + b"[1, 2]\0", 5.0, GOOD)
+    started = asyncio.get_running_loop().time()
+    _, error = await read(client_for(body, idle_timeout=10.0))
+    assert error is not None and error.reason == "malformed" and "JSON list" in str(error)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert body.closed
+
+
+async def test_idle_timeout_between_frames() -> None:
+    got, error = await read(client_for(Body(GOOD, 1.0, GOOD), idle_timeout=0.1))
+    assert len(got) == 1
+    assert error is not None and error.reason == "idle_timeout" and error.error_code == 50006
+    assert str(error) == f"FastChat worker {WORKER}: idle_timeout: no frame for 0.1 s"
+
+
+async def test_http_error_names_status_and_body() -> None:
+    got, error = await read(client_for(Body(b'{"detail": "nope"}'), status=503))
+    assert got == []
+    assert error is not None and error.reason == "http_status"
+    assert str(error) == f'FastChat worker {WORKER}: http_status: HTTP 503: {{"detail": "nope"}}'
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason", "code"),
+    [
+        ({"count": 3, "error_code": 0}, None, 0),
+        ({"count": "3"}, None, 0),  # lax int, as FastChat's own readers are
+        ({"text": "boom", "error_code": 50001, "count": 0}, "in_band", 50001),
+        ({"total": 3}, "malformed", 50001),
+    ],
+)
+async def test_count_token_replies(reply: dict[str, Any], reason: str | None, code: int) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=reply)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        client = FastChatClient(http, idle_timeout=1.0)
+        try:
+            count: int | UpstreamError = await client.count_token(WORKER, "m", "hi")
+        except UpstreamError as exc:
+            count = exc
+    if reason is None:
+        assert count == 3
+    else:
+        assert isinstance(count, UpstreamError)
+        assert (count.reason, count.error_code) == (reason, code)

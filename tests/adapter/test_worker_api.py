@@ -1,0 +1,293 @@
+"""The non-streaming worker API routes, against fake FastChat workers on loopback: generate,
+embeddings, count_token, model_metadata, and the worker-manager routes FastChat cannot serve."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from adapter.reference_worker import ReferenceWorkerConfig
+from adapter.scripted_model import SERVER_ERROR_MSG
+from tests.adapter._worker_api import MODEL, calls, chat, serving, settings, vicuna_prompt
+from tests.support.fake_worker import FakeWorker, HttpError
+
+StartFake = Callable[..., FakeWorker]
+EMBED = "/worker_get_embeddings"
+
+
+def error(text: str, code: int) -> dict[str, Any]:
+    return {
+        "text": text,
+        "error_code": code,
+        "incremental": False,
+        "model_context": None,
+        "finish_reason": None,
+        "usage": None,
+        "metrics": None,
+    }
+
+
+# --- /generate ---------------------------------------------------------------------------
+
+
+async def test_generate_returns_the_last_chunk_as_one_model_output(
+    fake_worker: StartFake,
+) -> None:
+    fake = fake_worker()
+    async with serving(settings(fake.url)) as adapter:
+        reply = await adapter.client.post("/api/worker/generate", json=chat(max_new_tokens=3))
+    prompt = vicuna_prompt("Hi")
+    tokens = fake.model.count_tokens(prompt)
+    assert reply.status_code == 200
+    assert reply.json() == {
+        **error(" ".join(fake.model.reply(prompt, 3)), 0),
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": tokens, "completion_tokens": 2, "total_tokens": tokens + 2},
+    }
+    assert calls(fake.requests)[-2:] == ["/count_token", "/worker_generate"]
+    assert fake.bodies("/worker_generate")[0]["echo"] is False
+
+
+async def test_generate_errors_are_model_outputs_with_http_200(fake_worker: StartFake) -> None:
+    fake = fake_worker()
+    fake.fail_next(HttpError(), path="/worker_generate")
+    in_band_body = json.dumps({"text": f"{SERVER_ERROR_MSG}\n\n(boom)", "error_code": 50001})
+    fake.fail_next(HttpError(200, in_band_body.encode()), path="/worker_generate")
+    async with serving(settings(fake.url)) as adapter:
+        failed = await adapter.client.post("/api/worker/generate", json=chat())
+        in_band = await adapter.client.post("/api/worker/generate", json=chat())
+        unknown = await adapter.client.post("/api/worker/generate", json={**chat(), "model": "x"})
+    assert failed.status_code == in_band.status_code == unknown.status_code == 200
+    body = failed.json()
+    assert body["error_code"] == 50001
+    assert fake.url in body["text"] and "HTTP 500" in body["text"]
+    assert in_band.json() == error(f"{SERVER_ERROR_MSG}\n\n(boom)", 50001)  # forwarded
+    assert unknown.json() == error(f"unknown model 'x'; served models: {MODEL}", 40301)
+
+
+async def test_generate_invalid_body_is_422_naming_the_field(fake_worker: StartFake) -> None:
+    fake = fake_worker()
+    async with serving(settings(fake.url)) as adapter:
+        reply = await adapter.client.post(
+            "/api/worker/generate", json={"model": MODEL, "prompt": "x", "top_k": 1.5}
+        )
+    assert reply.status_code == 422
+    assert reply.json()["detail"][0]["loc"] == ["body", "top_k"]
+
+
+# --- /embeddings --------------------------------------------------------------------------
+
+
+async def test_embeddings_one_input_per_call_in_input_order(fake_worker: StartFake) -> None:
+    fake = fake_worker(ReferenceWorkerConfig(embedding_dim=4))
+    texts = ["first", "second text", "third one here", "4"]
+    async with serving(settings(fake.url)) as adapter:
+        reply = await adapter.client.post(
+            "/api/worker/embeddings", json={"model": MODEL, "input": texts, "span_id": "s"}
+        )
+    assert reply.status_code == 200
+    assert reply.json() == [fake.model.embed(text, 4) for text in texts]
+    bodies = fake.bodies(EMBED)
+    assert sorted(b["input"][0] for b in bodies) == sorted(texts)
+    assert all(b == {"model": MODEL, "input": b["input"]} and len(b["input"]) == 1 for b in bodies)
+
+
+async def test_embeddings_batches_when_configured(fake_worker: StartFake) -> None:
+    fake = fake_worker(ReferenceWorkerConfig(embedding_dim=4))
+    texts = [f"text {i}" for i in range(7)]
+    async with serving(settings(fake.url, embedding_batch_size=3)) as adapter:
+        reply = await adapter.client.post(
+            "/api/worker/embeddings", json={"model": MODEL, "input": texts}
+        )
+    assert reply.json() == [fake.model.embed(text, 4) for text in texts]
+    assert sorted(len(b["input"]) for b in fake.bodies(EMBED)) == [1, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": MODEL, "input": []}, "input"),
+        ({"model": MODEL, "input": ["a", 3]}, "input.1"),
+        ({"model": MODEL, "input": "a bare string"}, "input"),
+        ({"input": ["a"]}, "model"),
+    ],
+)
+async def test_embeddings_bad_input_is_refused_before_sending(
+    fake_worker: StartFake, body: dict[str, Any], field: str
+) -> None:
+    fake = fake_worker()
+    async with serving(settings(fake.url)) as adapter:
+        reply = await adapter.client.post("/api/worker/embeddings", json=body)
+    assert reply.status_code == 422
+    loc = reply.json()["detail"][0]["loc"]
+    assert ".".join(str(part) for part in loc[1:]) == field
+    assert fake.bodies(EMBED) == []
+
+
+@pytest.mark.parametrize(
+    "extra", [{"query": "what?"}, {"worker_type": "reranker"}], ids=["query", "worker_type"]
+)
+async def test_rerank_is_a_clear_501(fake_worker: StartFake, extra: dict[str, Any]) -> None:
+    fake = fake_worker()
+    async with serving(settings(fake.url)) as adapter:
+        reply = await adapter.client.post(
+            "/api/worker/embeddings", json={"model": MODEL, "input": ["a", "b"], **extra}
+        )
+    assert reply.status_code == 501
+    assert "rerank is not supported" in reply.json()["detail"]
+    assert fake.bodies(EMBED) == []
+
+
+async def test_embeddings_upstream_failure_is_500_naming_the_worker(
+    fake_worker: StartFake,
+) -> None:
+    fake = fake_worker()
+    fake.fail_next(HttpError(), path=EMBED)
+    async with serving(settings(fake.url)) as adapter:
+        failed = await adapter.client.post(
+            "/api/worker/embeddings", json={"model": MODEL, "input": ["a"]}
+        )
+        unknown = await adapter.client.post(
+            "/api/worker/embeddings", json={"model": "nope", "input": ["a"]}
+        )
+    assert failed.status_code == 500
+    assert fake.url in failed.json()["detail"] and "HTTP 500" in failed.json()["detail"]
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"] == f"unknown model 'nope'; served models: {MODEL}"
+
+
+async def test_embedding_workers_are_preferred(fake_worker: StartFake) -> None:
+    llm = fake_worker(ReferenceWorkerConfig(model_names=("shared",)))
+    text2vec = fake_worker(ReferenceWorkerConfig(model_names=("shared",), seed=7))
+    config = settings(llm.url, embedding_worker_address=[text2vec.url])
+    async with serving(config) as adapter:
+        reply = await adapter.client.post(
+            "/api/worker/embeddings", json={"model": "shared", "input": ["a"]}
+        )
+    assert reply.json() == [text2vec.model.embed("a", 16)]
+    assert llm.bodies(EMBED) == []
+
+
+# --- /count_token and /model_metadata -------------------------------------------------------
+
+
+async def test_count_token_with_and_without_model(fake_worker: StartFake) -> None:
+    fake = fake_worker()
+    async with serving(settings(fake.url)) as adapter:
+        without = await adapter.client.post("/api/worker/count_token", json={"prompt": "a b c"})
+        named = await adapter.client.post(
+            "/api/worker/count_token", json={"model": MODEL, "prompt": "a b c d"}
+        )
+    assert (without.status_code, without.json()) == (200, 4)  # three words and the BOS
+    assert named.json() == 5
+    assert fake.bodies("/count_token") == [
+        {"model": MODEL, "prompt": "a b c"},
+        {"model": MODEL, "prompt": "a b c d"},
+    ]
+
+
+async def test_count_token_without_model_when_several_are_served(
+    fake_worker: StartFake,
+) -> None:
+    fake = fake_worker(ReferenceWorkerConfig(model_names=("a", "b"), route_by_model=True))
+    async with serving(settings(fake.url)) as adapter:
+        ambiguous = await adapter.client.post("/api/worker/count_token", json={"prompt": "x"})
+        named = await adapter.client.post(
+            "/api/worker/count_token", json={"model": "b", "prompt": "x"}
+        )
+        unknown = await adapter.client.post(
+            "/api/worker/count_token", json={"model": "c", "prompt": "x"}
+        )
+    assert ambiguous.status_code == 400
+    assert ambiguous.json()["detail"] == "no model given and 2 are served (a, b)"
+    assert named.json() == 2
+    assert unknown.status_code == 404 and "served models: a, b" in unknown.json()["detail"]
+
+
+async def test_model_metadata(fake_worker: StartFake) -> None:
+    fake = fake_worker(ReferenceWorkerConfig(context_length=4096))
+    async with serving(settings(fake.url)) as adapter:
+        reply = await adapter.client.post("/api/worker/model_metadata", json={"model": MODEL})
+        unknown = await adapter.client.post("/api/worker/model_metadata", json={"model": "x"})
+    assert reply.json() == {
+        "model": MODEL,
+        "context_length": 4096,
+        "chat_model": True,
+        "metadata": {},
+        "ext_metadata": {
+            "prompt_roles": ["system", "human", "ai"],
+            "prompt_sep": " ",  # vicuna_v1.1's sep
+            "prompt_chat_template": None,
+        },
+    }
+    assert unknown.status_code == 404
+
+
+# --- worker-manager routes ----------------------------------------------------------------
+
+
+async def test_models_supports_lists_every_served_model(fake_worker: StartFake) -> None:
+    llm = fake_worker(ReferenceWorkerConfig(model_names=("b", "a")))
+    text2vec = fake_worker(ReferenceWorkerConfig(model_names=("e",)))
+    config = settings(llm.url, embedding_worker_address=[text2vec.url], port=23456)
+    async with serving(config) as adapter:
+        reply = await adapter.client.get("/api/worker/models/supports")
+
+    def supported(name: str, kind: str) -> dict[str, Any]:
+        return {
+            "model": name,
+            "path": None,
+            "worker_type": kind,
+            "path_exist": False,
+            "proxy": False,
+            "enabled": True,
+            "params": [],
+        }
+
+    assert reply.json() == [
+        {
+            "host": "127.0.0.1",
+            "port": 23456,
+            "models": [supported("a", "llm"), supported("b", "llm"), supported("e", "text2vec")],
+        }
+    ]
+
+
+async def test_apply_says_no_with_a_message(fake_worker: StartFake) -> None:
+    fake = fake_worker()
+    async with serving(settings(fake.url)) as adapter:
+        body = {"model": MODEL, "apply_type": "restart", "worker_type": "llm", "params": {}}
+        reply = await adapter.client.post("/api/worker/apply", json={**body, "apply_user": None})
+        garbage = await adapter.client.post("/api/worker/apply", content=b"]")
+    assert reply.status_code == 200
+    answer = reply.json()
+    assert list(answer) == ["message", "success", "timecost"]
+    assert answer["success"] is False and answer["timecost"] == 0
+    assert answer["message"].startswith(f"restart of {MODEL}@llm is not supported")
+    assert "no lifecycle API" in answer["message"]
+    assert garbage.status_code == 200 and garbage.json()["success"] is False
+
+
+@pytest.mark.parametrize("path", ["/api/worker/models/startup", "/api/worker/models/shutdown"])
+async def test_startup_and_shutdown_are_clear_http_errors(
+    fake_worker: StartFake, path: str
+) -> None:
+    fake = fake_worker()
+    async with serving(settings(fake.url)) as adapter:
+        body = {"host": "127.0.0.1", "port": 1, "model": MODEL, "worker_type": "llm"}
+        reply = await adapter.client.post(path, json={**body, "params": {}})
+    assert reply.status_code == 501
+    assert "not supported" in reply.json()["detail"]
+    assert "no lifecycle API" in reply.json()["detail"]
+
+
+async def test_parameter_descriptions_is_empty(fake_worker: StartFake) -> None:
+    fake = fake_worker()
+    async with serving(settings(fake.url)) as adapter:
+        reply = await adapter.client.get(
+            "/api/worker/parameter/descriptions", params={"model": MODEL, "worker_type": "llm"}
+        )
+    assert (reply.status_code, reply.json()) == (200, [])
