@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Final
 
-from adapter.pool import NoWorker, Route
 from adapter.upstream import UpstreamError
 from protocol import dbgpt, fastchat
 from protocol.translate import embeddings_request
@@ -50,7 +49,7 @@ async def embed(
 
     async def one(batch: fastchat.EmbeddingsRequest) -> list[list[float]]:
         async with limit:
-            route = await _route(runtime, request.model)
+            route = await runtime.pool.resolve_first(request.model, ("text2vec", "llm"))
             try:
                 return await runtime.client.embeddings(route.worker, batch)
             except UpstreamError as exc:
@@ -68,15 +67,3 @@ async def embed(
         for task in tasks:  # after a failure, stop the calls still queued or running
             task.cancel()
     return [vector for result in results for vector in result]
-
-
-async def _route(runtime: Runtime, model: str) -> Route:
-    pool = runtime.pool
-    try:
-        return await pool.resolve(model, "text2vec")
-    except NoWorker:
-        pass
-    try:
-        return await pool.resolve(model, "llm")
-    except NoWorker:
-        raise NoWorker(model, pool.all_names(), known=pool.knows(model)) from None

@@ -244,6 +244,17 @@ class WorkerPool:
             return Route(address, model, kind)
         return Route(best.url, model, kind)
 
+    async def resolve_first(
+        self, model: str, kinds: tuple[WorkerKind, ...], *, takes_slot: bool = True
+    ) -> Route:
+        """``resolve`` with the first kind that has a live worker serving ``model``; the
+        ``NoWorker`` of none names the models of every kind."""
+        table = {name for kind in kinds for name in self.served(kind)}
+        for kind in kinds:
+            if model in self.served(kind):
+                return await self.resolve(model, kind, takes_slot=takes_slot)
+        raise NoWorker(model, table, known=self.knows(model))
+
     def knows(self, model: str, kind: WorkerKind | None = None) -> bool:
         """Whether any worker, alive or not, served ``model`` when last seen."""
         return any(

@@ -245,10 +245,14 @@ class Registrar:
             self._metrics.heartbeats.labels(c.link.name, "ok").inc()
         else:
             log.info("%s %s on %s", _VERBS[op, hard], instance.model_name, c.link.name)
-        if op != "delete":
-            c.known.add(instance.model_name)
-            c.registered.add(instance.model_name)
-            self._export(c)
+        key = instance.model_name
+        if op == "delete":
+            c.registered.discard(key)
+        else:
+            c.known.add(key)
+            if key not in c.pending:  # the worker died while this call was on the wire
+                c.registered.add(key)
+        self._export(c)
 
     def _export(self, c: _Controller) -> None:
         self._metrics.registered_models.labels(c.link.name).set(len(c.registered))

@@ -57,17 +57,18 @@ class Tracker:
         self._first_frame_seen = False
         self._done = False
         set_model(model if isinstance(model, str) else None)
+        # Resolved once: ``labels()`` takes a lock and a dict lookup, too much per frame.
+        self._frames = runtime.metrics.frames_relayed.labels(self.model)
         runtime.inflight.enter()
         runtime.metrics.requests_in_flight.labels(route, self.model).inc()
 
     def frame_relayed(self) -> None:
         """A frame of the upstream's output went downstream (keep-alives do not count)."""
-        metrics = self.runtime.metrics
         if not self._first_frame_seen:
             self._first_frame_seen = True
             elapsed = time.perf_counter() - self.started
-            metrics.time_to_first_frame.labels(self.model).observe(elapsed)
-        metrics.frames_relayed.labels(self.model).inc()
+            self.runtime.metrics.time_to_first_frame.labels(self.model).observe(elapsed)
+        self._frames.inc()
 
     def done(self, outcome: Outcome) -> None:
         """Close the books; later calls are ignored."""

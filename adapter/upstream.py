@@ -20,11 +20,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, Final, TypeVar, cast
 
-import anyio
 import httpx
 
 from protocol import fastchat
-from protocol._wire import WireModel
 from protocol.errors import ProtocolError, WorkerError
 from protocol.fastchat import ConvTemplate, GenerationParams, WorkerStatus
 from protocol.framing import FrameDecoder
@@ -39,7 +37,6 @@ _CODE_BY_REASON: Final = {
     "idle_timeout": CONTROLLER_WORKER_TIMEOUT,
 }
 
-_Reply = TypeVar("_Reply", bound=WireModel)
 _T = TypeVar("_T")
 
 
@@ -81,43 +78,41 @@ class FastChatClient:
     # --- worker routes ------------------------------------------------------------------
     async def status(self, worker: str, model: str | None = None) -> WorkerStatus:
         body = {"model": model} if model else {}
-        return _parse(
-            worker, WorkerStatus, await self._post_json(worker, "/worker_get_status", body)
-        )
+        return await self._call(worker, "/worker_get_status", body, WorkerStatus.from_wire)
 
     async def conv_template(self, worker: str, model: str) -> ConvTemplate:
-        reply = await self._post_json(worker, "/worker_get_conv_template", {"model": model})
-        return _parse(worker, fastchat.ConvTemplateReply, reply).conv
+        parse = fastchat.ConvTemplateReply.from_wire
+        reply = await self._call(worker, "/worker_get_conv_template", {"model": model}, parse)
+        return reply.conv
 
     async def context_length(self, worker: str, model: str) -> int:
-        reply = await self._post_json(worker, "/model_details", {"model": model})
-        return _parse(worker, fastchat.ModelDetailsReply, reply).context_length
+        parse = fastchat.ModelDetailsReply.from_wire
+        reply = await self._call(worker, "/model_details", {"model": model}, parse)
+        return reply.context_length
 
     async def count_token(self, worker: str, model: str, prompt: str) -> int:
         body = fastchat.CountTokenRequest(model=model, prompt=prompt).to_wire()
-        reply = await self._post_json(worker, "/count_token", body)
-        return _translated(worker, count_from_reply, reply)
+        return await self._call(worker, "/count_token", body, count_from_reply)
 
     async def generate(self, worker: str, params: GenerationParams) -> dict[str, Any]:
         """The ``/worker_generate`` reply (FastChat's last chunk, or its error object). No
         total timeout: a long generation is legitimate; the idle timeout bounds the wait."""
-        return await self._post_json(
-            worker, "/worker_generate", params.to_wire(), read=self._idle_timeout
-        )
+        body = params.to_wire()
+        return await self._call(worker, "/worker_generate", body, _as_is, read=self._idle_timeout)
 
     async def embeddings(
         self, worker: str, request: fastchat.EmbeddingsRequest
     ) -> list[list[float]]:
         """One vector per input, in order; the worker's error object is an ``in_band`` error."""
-        reply = await self._post_json(
+        expected = len(request.input)
+        return await self._call(
             worker,
             "/worker_get_embeddings",
             request.to_wire(),
+            lambda reply: embeddings_from_reply(reply, expected=expected),
             read=self._idle_timeout,
             accept_error=True,
         )
-        expected = len(request.input)
-        return _translated(worker, lambda r: embeddings_from_reply(r, expected=expected), reply)
 
     @asynccontextmanager
     async def generate_stream(
@@ -126,16 +121,20 @@ class FastChatClient:
         """Open the stream; iterate decoded chunks. Leaving the block closes the upstream
         connection at once if the body is unfinished, which is how FastChat frees the worker's
         concurrency slot."""
+        # No total timeout; the read timeout is the idle timeout: it bounds the wait for the
+        # headers (a queued or wedged worker) and then every wait between two reads.
         request = self._http.build_request(
             "POST",
             worker + "/worker_generate_stream",
             json=params.to_wire(),
             timeout=httpx.Timeout(
-                connect=self._http.timeout.connect, read=None, write=30.0, pool=None
+                connect=self._http.timeout.connect, read=self._idle_timeout, write=30.0, pool=None
             ),
         )
         try:
             response = await self._http.send(request, stream=True)
+        except httpx.ReadTimeout as exc:
+            raise self._idle(worker) from exc
         except httpx.HTTPError as exc:
             raise _transport_error(worker, exc) from exc
         try:
@@ -159,13 +158,11 @@ class FastChatClient:
             decoder = FrameDecoder()
             while True:
                 try:
-                    with anyio.fail_after(self._idle_timeout):
-                        data = await raw.__anext__()
+                    data = await raw.__anext__()
                 except StopAsyncIteration:
                     break
-                except TimeoutError as exc:
-                    detail = f"no frame for {self._idle_timeout:g} s"
-                    raise UpstreamError(worker, "idle_timeout", detail) from exc
+                except httpx.ReadTimeout as exc:
+                    raise self._idle(worker) from exc
                 except httpx.HTTPError as exc:
                     raise _transport_error(worker, exc) from exc
                 try:
@@ -189,25 +186,49 @@ class FastChatClient:
         except ProtocolError as exc:
             raise UpstreamError(worker, "malformed", str(exc)) from exc
 
+    def _idle(self, worker: str) -> UpstreamError:
+        return UpstreamError(worker, "idle_timeout", f"no frame for {self._idle_timeout:g} s")
+
     # --- controller routes (FastChat controller, §2) ------------------------------------
     async def list_models(self, controller: str) -> list[str]:
-        reply = await self._post_json(controller, "/list_models", {})
-        return sorted(_parse(controller, fastchat.ListModelsReply, reply).models)
+        parse = fastchat.ListModelsReply.from_wire
+        return sorted((await self._call(controller, "/list_models", {}, parse)).models)
 
     async def worker_address(self, controller: str, model: str) -> str:
         body = fastchat.GetWorkerAddress(model=model).to_wire()
-        reply = await self._post_json(controller, "/get_worker_address", body)
-        return _parse(controller, fastchat.WorkerAddressReply, reply).address.rstrip("/")
+        parse = fastchat.WorkerAddressReply.from_wire
+        reply = await self._call(controller, "/get_worker_address", body, parse)
+        return reply.address.rstrip("/")
 
     # --- plumbing -----------------------------------------------------------------------
+    async def _call(
+        self,
+        worker: str,
+        path: str,
+        body: dict[str, Any],
+        parse: Callable[[dict[str, Any]], _T],
+        *,
+        read: float | None = None,
+        accept_error: bool = False,
+    ) -> _T:
+        """POST ``body``; the JSON object answered, through ``parse``. The worker's own error
+        object is an ``in_band`` error (its code kept), any other misfit ``malformed``."""
+        reply = await self._post_json(worker, path, body, read=read, accept_error=accept_error)
+        try:
+            return parse(reply)
+        except WorkerError as exc:
+            raise UpstreamError(worker, "in_band", exc.text, code=exc.error_code) from exc
+        except ProtocolError as exc:
+            raise UpstreamError(worker, "malformed", f"{path}: {exc}") from exc
+
     async def _post_json(
         self,
         worker: str,
         path: str,
         body: dict[str, Any],
         *,
-        read: float | None = None,
-        accept_error: bool = False,
+        read: float | None,
+        accept_error: bool,
     ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"json": body}
         if read is not None:
@@ -239,24 +260,8 @@ class FastChatClient:
         return reply
 
 
-def _parse(worker: str, model: type[_Reply], reply: dict[str, Any]) -> _Reply:
-    try:
-        return model.from_wire(reply)
-    except ProtocolError as exc:
-        raise UpstreamError(worker, "malformed", f"{model.__name__}: {exc}") from exc
-
-
-def _translated(
-    worker: str, translate: Callable[[dict[str, Any]], _T], reply: dict[str, Any]
-) -> _T:
-    """``translate(reply)`` with protocol errors as ``UpstreamError`` (``in_band`` for the
-    worker's own error object, keeping its code; ``malformed`` otherwise)."""
-    try:
-        return translate(reply)
-    except WorkerError as exc:
-        raise UpstreamError(worker, "in_band", exc.text, code=exc.error_code) from exc
-    except ProtocolError as exc:
-        raise UpstreamError(worker, "malformed", str(exc)) from exc
+def _as_is(reply: dict[str, Any]) -> dict[str, Any]:
+    return reply
 
 
 def _transport_error(worker: str, exc: httpx.HTTPError) -> UpstreamError:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
@@ -36,7 +37,6 @@ from adapter.relay import Relay, frame
 from adapter.streaming import FrameStreamResponse
 from adapter.tracking import Tracker
 from adapter.upstream import UpstreamError
-from protocol._wire import WireModel
 from protocol.dbgpt import (
     CountTokenRequest,
     EmbeddingsRequest,
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["router"]
 
-_Wire = TypeVar("_Wire", bound=WireModel)
+_Wire = TypeVar("_Wire")
 _KINDS: tuple[WorkerKind, ...] = ("llm", "text2vec")
 
 router = APIRouter(prefix="/api/worker", tags=["DB-GPT worker API"])
@@ -98,12 +98,15 @@ def _failed(exc: NoWorker | UpstreamError) -> JSONResponse:
     return _detail(404 if isinstance(exc, NoWorker) else 500, str(exc))
 
 
-async def _parse(request: Request, route: str, wire: type[_Wire]) -> _Wire | InvalidRequest:
-    """The body as ``wire``, or the error naming the bad field (counted as rejected)."""
+async def _parse(
+    request: Request, route: str, parse: Callable[[Any], _Wire]
+) -> _Wire | InvalidRequest:
+    """The body through ``parse`` (a ``from_wire``), or the error naming the bad field,
+    counted as a rejected request."""
     body: Any = None
     try:
         body = await _body(request)
-        return wire.from_wire(body)
+        return parse(body)
     except InvalidRequest as exc:
         Tracker(_runtime(request), route, _model_of(body)).done("rejected")
         return exc
@@ -115,7 +118,7 @@ async def _parse(request: Request, route: str, wire: type[_Wire]) -> _Wire | Inv
 @router.post("/generate_stream")
 async def generate_stream(request: Request) -> Response:
     runtime = _runtime(request)
-    prompt = await _parse(request, "generate_stream", PromptRequest)
+    prompt = await _parse(request, "generate_stream", PromptRequest.from_wire)
     if isinstance(prompt, InvalidRequest):
         rejection = frame(error_output(prompt.error_code, f"invalid request: {prompt}"))
         return Response(rejection, 422, media_type="application/json")
@@ -131,7 +134,7 @@ async def generate_stream(request: Request) -> Response:
 @router.post("/generate")
 async def generate(request: Request) -> Response:
     runtime = _runtime(request)
-    prompt = await _parse(request, "generate", PromptRequest)
+    prompt = await _parse(request, "generate", PromptRequest.from_wire)
     if isinstance(prompt, InvalidRequest):
         return _invalid(prompt)
     with Tracker(runtime, "generate", prompt.model) as tracker:
@@ -145,7 +148,7 @@ async def generate(request: Request) -> Response:
 @router.post("/embeddings")
 async def embeddings(request: Request) -> Response:
     runtime = _runtime(request)
-    parsed = await _parse(request, "embeddings", EmbeddingsRequest)
+    parsed = await _parse(request, "embeddings", EmbeddingsRequest.from_wire)
     if isinstance(parsed, InvalidRequest):
         return _invalid(parsed)
     with Tracker(runtime, "embeddings", parsed.model) as tracker:
@@ -163,7 +166,7 @@ async def embeddings(request: Request) -> Response:
 @router.post("/count_token")
 async def count_token(request: Request) -> Response:
     runtime = _runtime(request)
-    parsed = await _parse(request, "count_token", CountTokenRequest)
+    parsed = await _parse(request, "count_token", CountTokenRequest.from_wire)
     if isinstance(parsed, InvalidRequest):
         return _invalid(parsed)
     pool = runtime.pool
@@ -173,13 +176,9 @@ async def count_token(request: Request) -> Response:
             tracker.outcome = "rejected"
             listed = ", ".join(served) or "none"
             return _detail(400, f"no model given and {len(served)} are served ({listed})")
+        model = parsed.model or served[0]
         try:
-            try:
-                route = await pool.resolve(parsed.model, "llm", takes_slot=False)
-            except NoWorker:
-                if parsed.model is None or not pool.all_names("text2vec"):
-                    raise
-                route = await pool.resolve(parsed.model, "text2vec", takes_slot=False)
+            route = await pool.resolve_first(model, ("llm", "text2vec"), takes_slot=False)
             count = await runtime.client.count_token(route.worker, route.model, parsed.prompt)
         except (NoWorker, UpstreamError) as exc:
             tracker.outcome = "rejected" if isinstance(exc, NoWorker) else "error"
@@ -190,7 +189,7 @@ async def count_token(request: Request) -> Response:
 @router.post("/model_metadata")
 async def model_metadata_route(request: Request) -> Response:
     runtime = _runtime(request)
-    parsed = await _parse(request, "model_metadata", ModelMetadataRequest)
+    parsed = await _parse(request, "model_metadata", ModelMetadataRequest.from_wire)
     if isinstance(parsed, InvalidRequest):
         return _invalid(parsed)
     with Tracker(runtime, "model_metadata", parsed.model) as tracker:

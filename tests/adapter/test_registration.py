@@ -51,7 +51,8 @@ def tiny() -> Iterator[FakeWorker]:
 
 
 class StatusWorker:
-    """Just ``/worker_get_status`` with a model list the test can change (FakeWorker's is fixed)."""
+    """Just ``/worker_get_status`` with a model list the test can change (FakeWorker's is
+    fixed), plus ``/list_models`` so it can also stand in for a FastChat controller."""
 
     def __init__(self, *names: str) -> None:
         self.names = list(names)
@@ -60,6 +61,10 @@ class StatusWorker:
         @app.post("/worker_get_status")
         async def status() -> dict[str, Any]:
             return {"model_names": self.names, "speed": 1, "queue_length": 0}
+
+        @app.post("/list_models")
+        async def list_models() -> dict[str, Any]:
+            return {"models": self.names}
 
         self.server = LoopbackServer(app)
 
@@ -192,6 +197,20 @@ async def test_model_list_change_registers_new_and_removes_dropped(
             assert len(calls(controller, REGISTER, "c@llm")) == 1
 
 
+async def test_models_mirrored_from_a_fastchat_controller(controller: FakeController) -> None:
+    fastchat = StatusWorker("x", "y")  # its aggregate status lists the live workers' models
+    with fastchat.server:
+        config = settings(
+            fastchat_controller_address=fastchat.server.url, controller_address=[controller.url]
+        )
+        async with running(config):
+            await until_listed(controller, {"x@llm": True, "y@llm": True})
+            fastchat.names = ["y"]  # x's worker left the FastChat controller
+            await until_listed(controller, {"y@llm": True})
+            fastchat.server.stop()  # the FastChat controller itself is gone
+            await until_listed(controller, {"y@llm": False})
+
+
 # --- controllers that restart, fail or multiply ------------------------------------------
 
 
@@ -274,6 +293,28 @@ async def test_controller_down_at_start_then_up(tiny: FakeWorker) -> None:
             await eventually(lambda: runtime.ready, timeout=0.5)
     finally:
         fake.stop()
+
+
+async def test_metrics_count_heartbeats_and_registered_models(
+    controller: FakeController, tiny: FakeWorker
+) -> None:
+    config = settings(worker_address=[tiny.url], controller_address=[controller.url])
+    async with running(config) as runtime:
+        m = runtime.metrics
+
+        def value(name: str, **labels: str) -> float:
+            found = m.registry.get_sample_value(name, {"controller": controller.url, **labels})
+            return found or 0.0
+
+        await eventually(lambda: value("fastchat_adapter_heartbeats_total", result="ok") >= 2)
+        assert value("fastchat_adapter_registered_models") == 1
+        controller.fail_status = 500
+        await eventually(lambda: value("fastchat_adapter_heartbeats_total", result="error") > 0)
+        assert value("fastchat_adapter_registered_models") == 0
+        controller.fail_status = None
+        await eventually(lambda: value("fastchat_adapter_registered_models") == 1, timeout=1)
+        await runtime.begin_shutdown()
+        assert value("fastchat_adapter_registered_models") == 0
 
 
 # --- helpers ----------------------------------------------------------------------------

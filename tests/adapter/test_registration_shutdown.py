@@ -113,6 +113,36 @@ async def test_shutdown_is_bounded_when_a_controller_hangs(tiny: FakeWorker) -> 
         stuck.delays.clear()
 
 
+async def test_deregistered_while_a_stream_is_still_open(tiny: FakeWorker) -> None:
+    """Runtime.begin_shutdown is SIGTERM's first half: the hard delete must not wait for
+    streams (uvicorn drains them only afterwards), and the stream still ends normally."""
+    slow = ReferenceWorkerConfig(model_names=("slow",), tokens_per_second=20)
+    with FakeWorker(slow) as worker, FakeController() as fake:
+        config = settings(worker_address=[worker.url], controller_address=[fake.url])
+        app = create_app(config)
+        runtime: Runtime = app.state.runtime
+        request = {"model": "slow", "messages": [{"role": "human", "content": "hi"}]}
+        request |= {"max_new_tokens": 30, "echo": False}
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://adapter"
+            ) as client,
+        ):
+            await until_listed(fake, {"slow@llm": True})
+            stream = asyncio.create_task(client.post("/api/worker/generate_stream", json=request))
+            await eventually(lambda: runtime.inflight.count > 0, what="a stream in flight")
+            await runtime.begin_shutdown()
+            [delete] = calls(fake, DELETE)
+            assert delete.query["remove_from_registry"] == "true"
+            assert not stream.done()  # deregistered while the stream runs
+            reply = await stream
+            frames = [json.loads(f) for f in reply.content.split(b"\0") if f]
+            assert frames[-1]["finish_reason"] in ("stop", "length")
+            await asyncio.sleep(0.6)  # three heartbeat intervals
+            assert [c for c in fake.calls if c.at > delete.at] == []
+
+
 async def test_lifespan_end_without_a_signal_still_deregisters(tiny: FakeWorker) -> None:
     with FakeController() as fake:
         config = settings(worker_address=[tiny.url], controller_address=[fake.url])
@@ -198,6 +228,7 @@ def test_cli_sigterm_deregisters_while_a_stream_runs_then_exits_zero(tmp_path: P
         assert fake.listing() == []
         if frames is not None:  # the worker API is there: the delete came mid-stream
             assert ended is not None and delete.done < ended, output
+            print(f"hard DELETE {1000 * (ended - delete.done):.0f} ms before the stream ended")
             assert frames[-1].get("finish_reason") in ("stop", "length"), frames[-1]
 
 

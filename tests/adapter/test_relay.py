@@ -29,6 +29,7 @@ from tests.adapter._worker_api import (
     vicuna_prompt,
 )
 from tests.support.fake_worker import (
+    Abort,
     CloseMidStream,
     ErrorChunk,
     FakeWorker,
@@ -52,7 +53,6 @@ def output(text: str, finish: str | None = None, usage: Any = None) -> dict[str,
     return {
         "text": text,
         "error_code": 0,
-        "incremental": False,
         "model_context": None,
         "finish_reason": finish,
         "usage": usage,
@@ -291,13 +291,14 @@ async def test_stream_without_nul_framing(fake_worker: StartFake) -> None:
     only_error(frames, 50001, fake.url, "broken_stream", "ended inside a frame")
 
 
-async def test_idle_timeout(fake_worker: StartFake) -> None:
+@pytest.mark.parametrize("after_chunks", [1, None], ids=["mid_stream", "before_headers"])
+async def test_idle_timeout(fake_worker: StartFake, after_chunks: int | None) -> None:
     fake = fake_worker()
-    fake.fail_next(Hang(5.0, after_chunks=1))
+    fake.fail_next(Hang(5.0, after_chunks=after_chunks))
     async with serving(settings(fake.url, idle_timeout=0.3)) as adapter:
         status, frames = await stream(adapter.client, chat(max_new_tokens=6))
-    assert status == 200 and len(frames) == 2
-    only_error(frames, 50006, fake.url, "idle_timeout", "0.3 s")
+    assert status == 200 and len(frames) == (after_chunks or 0) + 1
+    only_error(frames, 50006, fake.url, "idle_timeout", "no frame for 0.3 s")
     await assert_slot_freed(fake)
 
 
@@ -328,6 +329,20 @@ async def test_stream_without_finish_reason_gets_a_closing_frame(
     words = " ".join(fake.model.reply(vicuna_prompt("Hi"), 3))
     assert status == 200 and [f["text"] for f in frames] == [words.split()[0], words, words]
     assert frames[-1] == output(words, finish="stop")
+
+
+async def test_vllm_worker_shapes_are_normalised(fake_worker: StartFake) -> None:
+    # vLLM: one chunk per token, the final payload twice (finish null, then set), exact usage,
+    # cumulative_logprob; "abort" is not a finish reason DB-GPT survives (§1.11, §10 item 15).
+    fake = fake_worker(flavor="vllm")
+    fake.fail_next(Abort(after_chunks=2))
+    async with serving(settings(fake.url)) as adapter:
+        status, frames = await stream(adapter.client, chat(max_new_tokens=6))
+    assert status == 200
+    assert [f["finish_reason"] for f in frames] == [None, None, None, "stop"]
+    assert frames[-1]["usage"] is None  # same text as the frame before: no second finish event
+    assert frames[-2]["usage"]["completion_tokens"] == 3
+    assert all(set(f) == set(output("")) for f in frames)  # no cumulative_logprob
 
 
 # --- disconnects: the worker's slot is freed at once -----------------------------------------

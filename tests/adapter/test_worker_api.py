@@ -22,7 +22,6 @@ def error(text: str, code: int) -> dict[str, Any]:
     return {
         "text": text,
         "error_code": code,
-        "incremental": False,
         "model_context": None,
         "finish_reason": None,
         "usage": None,

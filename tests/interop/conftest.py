@@ -13,7 +13,10 @@ Session fixtures (started once, in parallel, as soon as the session knows it nee
 Function fixtures:
     fastchat_worker_factory   start(model_name, ...) -> FastChatWorker; stopped after the test
     dbgpt_cluster_factory     start(...) -> a fresh DbgptCluster; stopped after the test
+    adapter_factory           start(workers=..., embedding_workers=..., controllers=...) ->
+                              AdapterProc (the real `fastchat-adapter serve`); stopped after
     http                      httpx.Client (30 s timeout, no proxies from the environment)
+Every test has a deadline (SIGALRM): `@pytest.mark.deadline(seconds)`, else DEFAULT_DEADLINE_S.
 
 Every Proc has .url .port .pid .alive, .stop() (SIGTERM, 5 s, SIGKILL), .kill() (SIGKILL),
 .start(same_port=True) and .restart(same_port=True). Every test under tests/interop is marked
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +43,7 @@ import pytest
 from tests.interop import peers as peer_cache
 from tests.interop.procs import RunDir
 from tests.interop.stacks import (
+    AdapterProc,
     DbgptCluster,
     FastChatStack,
     FastChatWorker,
@@ -48,9 +54,20 @@ from tests.interop.stacks import (
 HERE = Path(__file__).resolve().parent
 SETUP_TIMEOUT_S = 1800.0  # a cold install is ~2 min; pip may be slow on a cold cache
 STACK_TIMEOUT_S = 180.0
+DEFAULT_DEADLINE_S = 300.0
+# The console script of the project venv pytest runs in (absolute shebang).
+ADAPTER_PROGRAM = Path(sys.executable).with_name("fastchat-adapter")
 
 T = TypeVar("T")
 _current_run: RunDir | None = None
+_timings: dict[str, float] = {}  # measured latencies, printed at the end of the session
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "deadline(seconds): fail an interop test that runs longer (SIGALRM in the main thread)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -68,6 +85,13 @@ def pytest_runtest_makereport(
         _current_run.failed = True
         report.sections.append(("peer process logs", _current_run.log_tails(100)))
     return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _timings:
+        terminalreporter.section("interop timings")
+        for name, value in _timings.items():
+            terminalreporter.write_line(f"{name}: {value:.3f} s")
 
 
 def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
@@ -159,6 +183,28 @@ def _launcher(request: pytest.FixtureRequest, interop_run: RunDir) -> Iterator[_
         launcher.dbgpt_env()
     yield launcher
     launcher.close()
+
+
+@pytest.fixture(autouse=True)
+def _deadline(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test, wherever it blocks, once its deadline has passed. Session and module
+    fixtures are set up before this one, so start-ups do not count against it."""
+    marker = request.node.get_closest_marker("deadline")
+    seconds = float(marker.args[0]) if marker else DEFAULT_DEADLINE_S
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise TimeoutError(f"{request.node.nodeid} exceeded its deadline of {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)
@@ -268,10 +314,70 @@ def dbgpt_cluster_factory(
         cluster.stop()
 
 
+def start_adapter(
+    run: RunDir,
+    name: str,
+    *,
+    workers: tuple[str, ...] | list[str] = (),
+    embedding_workers: tuple[str, ...] | list[str] = (),
+    controllers: tuple[str, ...] | list[str] = (),
+    wait_ready: bool = True,
+    **options: Any,
+) -> AdapterProc:
+    """Create an AdapterProc and start it (or only launch it, with `wait_ready=False`)."""
+    proc = AdapterProc(
+        run,
+        name,
+        program=ADAPTER_PROGRAM,
+        worker_addresses=workers,
+        embedding_worker_addresses=embedding_workers,
+        controller_addresses=controllers,
+        **options,
+    )
+    return proc.start() if wait_ready else proc.launch()
+
+
+@pytest.fixture
+def adapter_factory(
+    request: pytest.FixtureRequest, interop_run: RunDir
+) -> Iterator[Callable[..., AdapterProc]]:
+    """Start `fastchat-adapter serve` for one test; stopped (SIGTERM, by pid) afterwards.
+
+    start(*, workers=(), embedding_workers=(), controllers=(), heartbeat_interval=1.0,
+          status_interval=0.5, extra_args=(), wait_ready=True)
+    No `controllers`: standalone mode (the adapter serves DB-GPT's controller API itself).
+    """
+    started: list[AdapterProc] = []
+
+    def start(**options: Any) -> AdapterProc:
+        # A start that fails stops its process itself (Proc.start).
+        proc = start_adapter(
+            interop_run, _proc_name(f"adapter-{len(started) + 1}", request), **options
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
 def _proc_name(prefix: str, request: pytest.FixtureRequest) -> str:
     """A file-name-safe process name that says which test started it."""
     test = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-")
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', prefix)}-{test}"[:100]
+
+
+@pytest.fixture
+def timing(request: pytest.FixtureRequest) -> Callable[[str, float], None]:
+    """timing(name, seconds): keep a measurement; all are printed at the end of the session
+    (section "interop timings") and attached to the test's JUnit properties."""
+
+    def record(name: str, seconds: float) -> None:
+        _timings[name] = seconds
+        request.node.user_properties.append((name, round(seconds, 4)))
+
+    return record
 
 
 @pytest.fixture

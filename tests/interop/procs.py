@@ -158,6 +158,7 @@ class Proc:
         self.starts = 0
         self._popen: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+        self.launched_at: float | None = None  # time.monotonic() of the last launch
 
     def __repr__(self) -> str:
         return f"<Proc {self.name} pid={self.pid} url={self.url}>"
@@ -207,6 +208,16 @@ class Proc:
                     time.sleep(1.0)
         raise AssertionError("unreachable")
 
+    def launch(self, *, same_port: bool = False) -> Proc:
+        """Spawn without waiting for readiness (for tests that time the start-up themselves;
+        follow with `wait_ready`). No retry on a taken port."""
+        if self.alive:
+            raise ProcError(f"{self.name} is already running (pid {self.pid})")
+        if not (same_port and self.port > 0):
+            self.port = free_port()
+        self._launch()
+        return self
+
     def restart(self, *, same_port: bool = True) -> Proc:
         self.stop()
         return self.start(same_port=same_port)
@@ -230,6 +241,7 @@ class Proc:
                 cwd=self.run.path,
                 start_new_session=True,  # own process group: signals reach only what we started
             )
+        self.launched_at = time.monotonic()
         self.starts += 1
         self.run.record_pid(self.name, self._popen.pid)
 
@@ -290,6 +302,16 @@ class Proc:
     def signal(self, sig: int) -> None:
         """Send `sig` to the process group without waiting (e.g. SIGSTOP/SIGCONT)."""
         self._signal_group(sig)
+
+    def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to `timeout` seconds for the process to exit; its exit code, or None if it
+        is still running (nothing is signalled)."""
+        if self._popen is None:
+            return None
+        try:
+            return self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
 
 def start_parallel(procs: Iterable[Proc], *, same_port: bool = False) -> None:

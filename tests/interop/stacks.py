@@ -27,6 +27,128 @@ WORKER_READY_S = 60.0
 SERVER_READY_S = 30.0
 
 
+# --- command lines ----------------------------------------------------------------------------
+# The argument lists of every program the suite runs, in one place: the fixtures build their
+# commands here, and tests/adapter/test_compose.py holds compose.yaml's commands to the same
+# flags (`interop_commands`).
+
+
+def fastchat_controller_argv(python: str, *, port: int | str, host: str = LOOPBACK) -> list[str]:
+    return [python, "-m", "fastchat.serve.controller", "--host", host, "--port", str(port)]
+
+
+def fastchat_openai_argv(
+    python: str, *, port: int | str, controller_url: str, host: str = LOOPBACK
+) -> list[str]:
+    return [
+        python, "-m", "fastchat.serve.openai_api_server", "--host", host, "--port", str(port),
+        "--controller-address", controller_url,
+    ]  # fmt: skip
+
+
+def fastchat_worker_argv(
+    python: str,
+    *,
+    port: int | str,
+    worker_address: str,
+    model_path: str,
+    model_name: str,
+    controller_url: str | None,
+    host: str = LOOPBACK,
+    limit_worker_concurrency: int | None = None,
+    conv_template: str | None = None,
+    seed: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    argv = [
+        python, "-m", "fastchat.serve.model_worker",
+        "--host", host, "--port", str(port),
+        "--worker-address", worker_address,
+        "--model-path", model_path, "--model-names", model_name,
+        "--device", "cpu",
+    ]  # fmt: skip
+    if controller_url is None:
+        argv.append("--no-register")
+    else:
+        argv += ["--controller-address", controller_url]
+    if limit_worker_concurrency is not None:
+        argv += ["--limit-worker-concurrency", str(limit_worker_concurrency)]
+    if conv_template is not None:
+        argv += ["--conv-template", conv_template]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    return [*argv, *extra_args]
+
+
+def dbgpt_argv(dbgpt: str, kind: str, config: str) -> list[str]:
+    """`kind`: controller or apiserver; both read one TOML (PEERS.md §2.2, §2.3)."""
+    return [dbgpt, "start", kind, "-c", config]
+
+
+# Timing of the adapter in the suite: the shared DB-GPT controller's timeout (15 s) is many
+# heartbeats, and worker deaths are seen within half a second.
+ADAPTER_HEARTBEAT_INTERVAL_S = 1.0
+ADAPTER_STATUS_INTERVAL_S = 0.5
+
+
+def adapter_argv(
+    program: str,
+    *,
+    port: int | str,
+    worker_addresses: Sequence[str] = (),
+    embedding_worker_addresses: Sequence[str] = (),
+    controller_addresses: Sequence[str] = (),
+    host: str = LOOPBACK,
+    register_host: str | None = None,
+    heartbeat_interval: float = ADAPTER_HEARTBEAT_INTERVAL_S,
+    status_interval: float = ADAPTER_STATUS_INTERVAL_S,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """`fastchat-adapter serve`; no controller address means standalone mode."""
+    argv = [program, "serve", "--host", host, "--port", str(port)]
+    argv += ["--register-host", register_host or host]
+    if worker_addresses:
+        argv += ["--worker-address", ",".join(worker_addresses)]
+    if embedding_worker_addresses:
+        argv += ["--embedding-worker-address", ",".join(embedding_worker_addresses)]
+    if controller_addresses:
+        argv += ["--controller-address", ",".join(controller_addresses)]
+    argv += ["--heartbeat-interval", f"{heartbeat_interval:g}"]
+    argv += ["--status-interval", f"{status_interval:g}"]
+    return [*argv, *extra_args]
+
+
+def interop_commands() -> dict[str, list[str]]:
+    """The standard topology's commands (PEERS.md §5), keyed by compose.yaml's service names,
+    with placeholder values: programs by their bare names (`python`, `dbgpt`,
+    `fastchat-adapter`), `<...>` for hosts, ports, URLs and paths."""
+    fastchat_controller = "http://<fastchat-controller>:<port>"
+    return {
+        "fastchat-controller": fastchat_controller_argv("python", host="<host>", port="<port>"),
+        "fastchat-model-worker": fastchat_worker_argv(
+            "python", host="<host>", port="<port>", worker_address="http://<worker>:<port>",
+            model_path="<model-dir>/tiny-vicuna", model_name=TINY_LLM,
+            controller_url=fastchat_controller,
+        ),
+        "fastchat-embedding-worker": fastchat_worker_argv(
+            "python", host="<host>", port="<port>", worker_address="http://<worker>:<port>",
+            model_path="<model-dir>/e5-all-MiniLM-L6-v2", model_name=EMBED_MODEL_NAME,
+            controller_url=fastchat_controller,
+        ),
+        "fastchat-openai-api-server": fastchat_openai_argv(
+            "python", host="<host>", port="<port>", controller_url=fastchat_controller
+        ),
+        "adapter": adapter_argv(
+            "fastchat-adapter", host="<host>", port="<port>", register_host="<host>",
+            worker_addresses=["http://<worker>:<port>"],
+            embedding_worker_addresses=["http://<embedding-worker>:<port>"],
+            controller_addresses=["http://<dbgpt-controller>:<port>"],
+        ),
+        "dbgpt-controller": dbgpt_argv("dbgpt", "controller", "<config.toml>"),
+        "dbgpt-apiserver": dbgpt_argv("dbgpt", "apiserver", "<config.toml>"),
+    }  # fmt: skip
+
+
 # --- FastChat ---------------------------------------------------------------------------------
 
 
@@ -48,30 +170,27 @@ class FastChatWorker(Proc):
         seed: int | None = None,
         extra_args: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        worker_address: str | None = None,
     ) -> None:
+        """`worker_address`: what it registers as (default: its own URL); e.g. a recording
+        proxy in front of it (PEERS.md §4)."""
         self.model_name = model_name
         self.model_path = model_path
         self.controller_url = controller_url
 
         def command(p: int) -> list[str]:
-            argv = [
-                str(python), "-m", "fastchat.serve.model_worker",
-                "--host", LOOPBACK, "--port", str(p),
-                "--worker-address", f"http://{LOOPBACK}:{p}",
-                "--model-path", str(model_path), "--model-names", model_name,
-                "--device", "cpu",
-            ]  # fmt: skip
-            if controller_url is None:
-                argv.append("--no-register")
-            else:
-                argv += ["--controller-address", controller_url]
-            if limit_worker_concurrency is not None:
-                argv += ["--limit-worker-concurrency", str(limit_worker_concurrency)]
-            if conv_template is not None:
-                argv += ["--conv-template", conv_template]
-            if seed is not None:
-                argv += ["--seed", str(seed)]
-            return [*argv, *extra_args]
+            return fastchat_worker_argv(
+                str(python),
+                port=p,
+                worker_address=worker_address or f"http://{LOOPBACK}:{p}",
+                model_path=str(model_path),
+                model_name=model_name,
+                controller_url=controller_url,
+                limit_worker_concurrency=limit_worker_concurrency,
+                conv_template=conv_template,
+                seed=seed,
+                extra_args=extra_args,
+            )
 
         super().__init__(
             run,
@@ -166,7 +285,7 @@ def start_fastchat_stack(
     controller = Proc(
         run,
         f"{prefix}-controller",
-        _fastchat_server(fc_python, "fastchat.serve.controller"),
+        lambda port: fastchat_controller_argv(fc_python, port=port),
         get_ok("/test_connection"),
         ready_timeout=SERVER_READY_S,
     )
@@ -183,9 +302,7 @@ def start_fastchat_stack(
     openai = Proc(
         run,
         f"{prefix}-openai",
-        _fastchat_server(
-            fc_python, "fastchat.serve.openai_api_server", "--controller-address", controller.url
-        ),
+        lambda port: fastchat_openai_argv(fc_python, port=port, controller_url=controller.url),
         get_ok("/v1/models"),
         ready_timeout=SERVER_READY_S,
     )
@@ -199,10 +316,6 @@ def start_fastchat_stack(
         stack.stop()
         raise
     return stack
-
-
-def _fastchat_server(python: str, module: str, *args: str) -> Command:
-    return lambda port: [python, "-m", module, "--host", LOOPBACK, "--port", str(port), *args]
 
 
 def _refresh_fastchat_controller(url: str) -> None:
@@ -346,7 +459,7 @@ def start_dbgpt_cluster(
             assert proc is not None
             proc.port = port
             cluster.write_config()
-            return [dbgpt_bin, "start", kind, "-c", str(config)]
+            return dbgpt_argv(dbgpt_bin, kind, str(config))
 
         return build
 
@@ -388,3 +501,66 @@ def stop_quietly(*procs: Proc | None) -> None:
         if proc is not None:
             with contextlib.suppress(ProcError, OSError):
                 proc.stop()
+
+
+# --- the adapter ------------------------------------------------------------------------------
+
+ADAPTER_READY_S = 30.0
+
+
+class AdapterProc(Proc):
+    """`fastchat-adapter serve` (the real console script) on a free loopback port.
+
+    Ready when `GET /readyz` answers 200: a worker answers and everything it serves is
+    registered with every controller (at once in standalone mode). `launched_at` (monotonic)
+    is when the process was spawned, for latency measurements.
+    """
+
+    def __init__(
+        self,
+        run: RunDir,
+        name: str,
+        *,
+        program: Path,
+        worker_addresses: Sequence[str] = (),
+        embedding_worker_addresses: Sequence[str] = (),
+        controller_addresses: Sequence[str] = (),
+        heartbeat_interval: float = ADAPTER_HEARTBEAT_INTERVAL_S,
+        status_interval: float = ADAPTER_STATUS_INTERVAL_S,
+        extra_args: Sequence[str] = (),
+        ready_timeout: float = ADAPTER_READY_S,
+    ) -> None:
+        self.controller_addresses = list(controller_addresses)
+        self.heartbeat_interval = heartbeat_interval
+        self.status_interval = status_interval
+
+        def command(port: int) -> list[str]:
+            return adapter_argv(
+                str(program),
+                port=port,
+                worker_addresses=worker_addresses,
+                embedding_worker_addresses=embedding_worker_addresses,
+                controller_addresses=controller_addresses,
+                heartbeat_interval=heartbeat_interval,
+                status_interval=status_interval,
+                extra_args=extra_args,
+            )
+
+        super().__init__(run, name, command, get_ok("/readyz"), ready_timeout=ready_timeout)
+
+    @property
+    def standalone(self) -> bool:
+        return not self.controller_addresses
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """What it registers as (--register-host is the bind host)."""
+        return LOOPBACK, self.port
+
+    def metrics_text(self, timeout: float = 5.0) -> str:
+        import httpx
+
+        with httpx.Client(timeout=timeout, trust_env=False) as http:
+            reply = http.get(self.url + "/metrics")
+            reply.raise_for_status()
+            return reply.text

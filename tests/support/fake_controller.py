@@ -156,12 +156,35 @@ class _Recorder:
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         raw = b"".join(chunks)
-        status = 0
+        status, recorded = 0, False
 
-        async def send_status(message: Message) -> None:
+        def record() -> None:
+            # Before the last byte goes out: once a client has its answer, the call is listed.
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            query = scope["query_string"].decode("latin-1")
+            self.fake._record(
+                Call(
+                    method=scope["method"],
+                    path=scope["path"],
+                    raw_query=query,
+                    query=dict(parse_qsl(query, keep_blank_values=True)),
+                    body=_decode(raw),
+                    at=at,
+                    done=time.monotonic(),
+                    status=status,
+                )
+            )
+            self.fake._count(-1)
+
+        async def send_recorded(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+            elif not message.get("more_body", False):
+                record()
             await send(message)
 
         replayed = False
@@ -178,25 +201,13 @@ class _Recorder:
             await asyncio.sleep(self.fake.delays.get(scope["path"], 0.0))
             fail = self.fake.fail_status
             if fail is not None and scope["path"].startswith("/api/controller/"):
-                await send_status({"type": "http.response.start", "status": fail, "headers": []})
-                await send({"type": "http.response.body", "body": b"injected failure"})
+                start = {"type": "http.response.start", "status": fail, "headers": []}
+                await send_recorded(start)
+                await send_recorded({"type": "http.response.body", "body": b"injected failure"})
             else:
-                await self.app(scope, replay, send_status)
+                await self.app(scope, replay, send_recorded)
         finally:
-            query = scope["query_string"].decode("latin-1")
-            self.fake._record(
-                Call(
-                    method=scope["method"],
-                    path=scope["path"],
-                    raw_query=query,
-                    query=dict(parse_qsl(query, keep_blank_values=True)),
-                    body=_decode(raw),
-                    at=at,
-                    done=time.monotonic(),
-                    status=status,
-                )
-            )
-            self.fake._count(-1)
+            record()  # also when the app failed or the client left before the answer
 
 
 def _decode(raw: bytes) -> Any:
