@@ -3,12 +3,15 @@
 The compose file is validated against the Compose Specification's JSON schema, as vendored by
 the check-jsonschema package (a test dependency), then against our own rules: every service has
 a healthcheck, every dependency waits for service_healthy, and the adapter's command is valid
-for the adapter's own CLI.
+for the adapter's own CLI. Every service command is compared with the argument list the interop
+suite builds for the same program (`tests.interop.stacks.interop_commands`): same program, same
+flags; only hosts, ports, URLs, paths and timing intervals may differ.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from importlib import resources
@@ -20,6 +23,12 @@ import yaml
 from jsonschema.validators import validator_for
 
 from adapter.cli import build_parser, settings_from_args
+from tests.interop.stacks import (
+    ADAPTER_HEARTBEAT_INTERVAL_S,
+    DBGPT_HEARTBEAT_TIMEOUT_S,
+    dbgpt_toml,
+    interop_commands,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -30,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVICES = {
     "fastchat-controller",
     "fastchat-model-worker",
+    "fastchat-embedding-worker",
     "adapter",
     "dbgpt-controller",
     "dbgpt-apiserver",
@@ -84,8 +94,13 @@ def test_dependencies_wait_for_healthy_services(compose: dict[str, Any]) -> None
         for dependency, spec in service.get("depends_on", {}).items():
             assert dependency in services, (name, dependency)
             assert spec == {"condition": "service_healthy"}, (name, dependency)
-    assert set(services["adapter"]["depends_on"]) == {"fastchat-model-worker", "dbgpt-controller"}
+    assert set(services["adapter"]["depends_on"]) == {
+        "fastchat-model-worker",
+        "fastchat-embedding-worker",
+        "dbgpt-controller",
+    }
     assert "fastchat-controller" in services["fastchat-model-worker"]["depends_on"]
+    assert "fastchat-controller" in services["fastchat-embedding-worker"]["depends_on"]
     assert "adapter" in services["dbgpt-apiserver"]["depends_on"]
 
 
@@ -93,10 +108,90 @@ def _flags(argv: list[str]) -> dict[str, str]:
     return {a: b for a, b in zip(argv, [*argv[1:], ""], strict=True) if a.startswith("--")}
 
 
+def _interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` with every variable unset: the default."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def _program(argv: list[str]) -> list[str]:
+    """The words before the first flag: the program (and `-m module` / subcommand)."""
+    head = []
+    for word in argv:
+        if word.startswith("-") and word != "-m":
+            break
+        head.append(word)
+    return head
+
+
+# Flags whose values are per deployment: where things listen and are reached, files, timing.
+PER_HOST_FLAGS = {
+    "--host", "--port", "--register-host", "--worker-address", "--embedding-worker-address",
+    "--controller-address", "--model-path", "--heartbeat-interval", "--status-interval", "-c",
+}  # fmt: skip
+
+
+def _compose_argv(name: str, service: dict[str, Any]) -> list[str]:
+    argv = [_interpolate(str(word)) for word in service["command"]]
+    if name == "adapter":  # the image's ENTRYPOINT is the console script
+        argv = ["fastchat-adapter", *argv]
+    return argv
+
+
+def test_every_service_has_an_interop_counterpart(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) <= set(interop_commands())
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_service_command_matches_the_interop_suite(compose: dict[str, Any], name: str) -> None:
+    """Same program, same set of flags, same values for every flag that is not per host."""
+    ours = _compose_argv(name, compose["services"][name])
+    theirs = interop_commands()[name]
+    assert _program(ours) == _program(theirs)
+    assert set(_flags(ours)) == set(_flags(theirs))
+    assert len(ours) == len(theirs), "a stray word (or a flag without its value)"
+    fixed_ours = {k: v for k, v in _flags(ours).items() if k not in PER_HOST_FLAGS}
+    fixed_theirs = {k: v for k, v in _flags(theirs).items() if k not in PER_HOST_FLAGS}
+    assert fixed_ours == fixed_theirs
+    if "--model-path" in _flags(ours):  # the folder name picks FastChat's model adapter
+        ours_dir = Path(_flags(ours)["--model-path"]).name
+        assert ours_dir == Path(_flags(theirs)["--model-path"]).name
+
+
+def test_dbgpt_config_has_the_interop_suite_keys(compose: dict[str, Any]) -> None:
+    """One TOML, same tables and keys as the one the suite writes (PEERS.md §2.2)."""
+    ours = tomllib.loads(compose["configs"]["dbgpt-cluster"]["content"])
+    theirs = tomllib.loads(
+        dbgpt_toml(
+            controller_port=1,
+            heartbeat_interval_secs=5,
+            heartbeat_timeout_secs=15,
+            api_port=2,
+            controller_addr="http://controller:1",
+        )
+    )
+
+    def shape(table: dict[str, Any]) -> dict[str, Any]:
+        return {k: shape(v) if isinstance(v, dict) else None for k, v in table.items()}
+
+    assert shape(ours) == shape(theirs)
+
+
+def test_adapter_heartbeats_well_within_the_controller_timeout(compose: dict[str, Any]) -> None:
+    """Timing differs by design, but in both places the adapter heartbeats at least three
+    times per DB-GPT heartbeat timeout (PEERS.md §2.5)."""
+    command = compose["services"]["adapter"]["command"]
+    settings = settings_from_args(build_parser().parse_args(command))
+    config = tomllib.loads(compose["configs"]["dbgpt-cluster"]["content"])
+    timeout = config["service"]["model"]["controller"]["heartbeat_timeout_secs"]
+    assert 3 * settings.heartbeat_interval <= timeout
+    assert 3 * ADAPTER_HEARTBEAT_INTERVAL_S <= DBGPT_HEARTBEAT_TIMEOUT_S
+
+
 def test_adapter_command_is_valid_for_the_adapter_cli(compose: dict[str, Any]) -> None:
     command = compose["services"]["adapter"]["command"]
     settings = settings_from_args(build_parser().parse_args(command))
     assert settings.worker_address == ["http://fastchat-model-worker:21002"]
+    assert settings.embedding_worker_address == ["http://fastchat-embedding-worker:21003"]
     assert settings.controller_address == ["http://dbgpt-controller:8000"]
     assert settings.own_url == "http://adapter:8100"
     healthcheck = " ".join(compose["services"]["adapter"]["healthcheck"]["test"])
@@ -110,15 +205,19 @@ def test_peer_commands_use_the_interop_programs_and_flags(compose: dict[str, Any
     assert controller[:3] == ["python", "-m", "fastchat.serve.controller"]
     assert set(_flags(controller)) == {"--host", "--port"}
 
-    worker = services["fastchat-model-worker"]["command"]
-    assert worker[:3] == ["python", "-m", "fastchat.serve.model_worker"]
-    flags = _flags(worker)
-    assert set(flags) == {
-        "--host", "--port", "--worker-address", "--controller-address", "--model-path", "--device"
-    }  # fmt: skip
-    assert flags["--worker-address"] == f"http://fastchat-model-worker:{flags['--port']}"
-    assert flags["--controller-address"].endswith(":21001")
-    assert flags["--device"] == "cpu"
+    for name in ("fastchat-model-worker", "fastchat-embedding-worker"):
+        worker = services[name]["command"]
+        assert worker[:3] == ["python", "-m", "fastchat.serve.model_worker"]
+        flags = _flags(worker)
+        assert set(flags) == {
+            "--host", "--port", "--worker-address", "--controller-address", "--model-path",
+            "--model-names", "--device",
+        }  # fmt: skip
+        assert flags["--worker-address"] == f"http://{name}:{flags['--port']}"
+        assert flags["--controller-address"].endswith(":21001")
+        assert flags["--device"] == "cpu"
+    embedding = _flags(services["fastchat-embedding-worker"]["command"])
+    assert "e5-" in _interpolate(embedding["--model-path"])  # selects FastChat's E5 adapter
 
     config = tomllib.loads(compose["configs"]["dbgpt-cluster"]["content"])
     model = config["service"]["model"]

@@ -43,6 +43,8 @@ import pytest
 from tests.interop import peers as peer_cache
 from tests.interop.procs import RunDir
 from tests.interop.stacks import (
+    DBGPT_HEARTBEAT_INTERVAL_S,
+    DBGPT_HEARTBEAT_TIMEOUT_S,
     AdapterProc,
     DbgptCluster,
     FastChatStack,
@@ -60,7 +62,7 @@ ADAPTER_PROGRAM = Path(sys.executable).with_name("fastchat-adapter")
 
 T = TypeVar("T")
 _current_run: RunDir | None = None
-_timings: dict[str, float] = {}  # measured latencies, printed at the end of the session
+_timings: dict[str, tuple[float, str]] = {}  # measurements, printed at the end of the session
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -90,8 +92,8 @@ def pytest_runtest_makereport(
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _timings:
         terminalreporter.section("interop timings")
-        for name, value in _timings.items():
-            terminalreporter.write_line(f"{name}: {value:.3f} s")
+        for name, (value, unit) in _timings.items():
+            terminalreporter.write_line(f"{name}: {value:.3f} {unit}".rstrip())
 
 
 def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
@@ -295,8 +297,8 @@ def dbgpt_cluster_factory(
     def start(
         *,
         controller_addr: str | None = None,
-        heartbeat_interval_secs: int = 5,
-        heartbeat_timeout_secs: int = 15,
+        heartbeat_interval_secs: int = DBGPT_HEARTBEAT_INTERVAL_S,
+        heartbeat_timeout_secs: int = DBGPT_HEARTBEAT_TIMEOUT_S,
     ) -> DbgptCluster:
         cluster = start_dbgpt_cluster(
             interop_run,
@@ -369,13 +371,13 @@ def _proc_name(prefix: str, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def timing(request: pytest.FixtureRequest) -> Callable[[str, float], None]:
-    """timing(name, seconds): keep a measurement; all are printed at the end of the session
-    (section "interop timings") and attached to the test's JUnit properties."""
+def timing(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """timing(name, value, unit="s"): keep a measurement; all are printed at the end of the
+    session (section "interop timings") and attached to the test's JUnit properties."""
 
-    def record(name: str, seconds: float) -> None:
-        _timings[name] = seconds
-        request.node.user_properties.append((name, round(seconds, 4)))
+    def record(name: str, value: float, unit: str = "s") -> None:
+        _timings[name] = (value, unit)
+        request.node.user_properties.append((name, round(value, 4)))
 
     return record
 

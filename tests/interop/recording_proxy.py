@@ -119,9 +119,7 @@ class RecordingProxy:
         response = await client.send(request, stream=True)
         try:
             out_headers = [
-                (k.lower(), v)
-                for k, v in response.headers.raw
-                if k.lower() not in _HOP_BY_HOP
+                (k.lower(), v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP
             ]
             await send(
                 {"type": "http.response.start", "status": response.status_code,

@@ -85,7 +85,41 @@ def dbgpt_argv(dbgpt: str, kind: str, config: str) -> list[str]:
     return [dbgpt, "start", kind, "-c", config]
 
 
-# Timing of the adapter in the suite: the shared DB-GPT controller's timeout (15 s) is many
+def dbgpt_toml(
+    *,
+    controller_port: int | None,
+    heartbeat_interval_secs: int,
+    heartbeat_timeout_secs: int,
+    api_port: int,
+    controller_addr: str,
+    host: str = LOOPBACK,
+) -> str:
+    """The TOML both DB-GPT processes read (PEERS.md §2.2). No `controller_port`: only the
+    apiserver's table (standalone mode, `controller_addr` pointing at the adapter)."""
+    lines = []
+    if controller_port is not None:
+        lines += [
+            "[service.model.controller]",
+            f'host = "{host}"',
+            f"port = {controller_port}",
+            f"heartbeat_interval_secs = {heartbeat_interval_secs}",
+            f"heartbeat_timeout_secs = {heartbeat_timeout_secs}",
+            "",
+        ]
+    lines += [
+        "[service.model.api]",
+        f'host = "{host}"',
+        f"port = {api_port}",
+        f'controller_addr = "{controller_addr}"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# DB-GPT controllers in the suite: shortened from 20/60 s (PEERS.md §2.5).
+DBGPT_HEARTBEAT_INTERVAL_S = 5
+DBGPT_HEARTBEAT_TIMEOUT_S = 15
+# Timing of the adapter in the suite: the DB-GPT controllers' timeout (15 s) is many
 # heartbeats, and worker deaths are seen within half a second.
 ADAPTER_HEARTBEAT_INTERVAL_S = 1.0
 ADAPTER_STATUS_INTERVAL_S = 0.5
@@ -370,24 +404,15 @@ class DbgptCluster:
 
     def write_config(self) -> None:
         """(Re)write the TOML from the current ports. Both processes read the same file."""
-        lines = []
-        if self.controller is not None:
-            lines += [
-                "[service.model.controller]",
-                f'host = "{LOOPBACK}"',
-                f"port = {self.controller.port}",
-                f"heartbeat_interval_secs = {self.heartbeat_interval_secs}",
-                f"heartbeat_timeout_secs = {self.heartbeat_timeout_secs}",
-                "",
-            ]
-        lines += [
-            "[service.model.api]",
-            f'host = "{LOOPBACK}"',
-            f"port = {self.apiserver.port}",
-            f'controller_addr = "{self.controller_url}"',
-            "",
-        ]
-        self.config_path.write_text("\n".join(lines))
+        self.config_path.write_text(
+            dbgpt_toml(
+                controller_port=None if self.controller is None else self.controller.port,
+                heartbeat_interval_secs=self.heartbeat_interval_secs,
+                heartbeat_timeout_secs=self.heartbeat_timeout_secs,
+                api_port=self.apiserver.port,
+                controller_addr=self.controller_url,
+            )
+        )
 
     def stop_controller(self) -> None:
         assert self.controller is not None, "standalone cluster has no controller"
@@ -440,8 +465,8 @@ def start_dbgpt_cluster(
     name: str = "dbgpt",
     *,
     controller_addr: str | None = None,
-    heartbeat_interval_secs: int = 5,
-    heartbeat_timeout_secs: int = 15,
+    heartbeat_interval_secs: int = DBGPT_HEARTBEAT_INTERVAL_S,
+    heartbeat_timeout_secs: int = DBGPT_HEARTBEAT_TIMEOUT_S,
 ) -> DbgptCluster:
     """Start a controller, then an apiserver. With `controller_addr`, start only an apiserver
     pointed at that address (standalone mode, PEERS.md §5 item 10)."""

@@ -298,7 +298,8 @@ def test_s02_chat_parity_at_temperature_0(
     problems = _answers_differ(fastchat, dbgpt)
     problems += _compare_worker_bodies(fastchat_body, adapter_body)
     assert problems == [], "\n".join(problems)
-    assert stream is (stream and dbgpt.done and fastchat.done)
+    if stream:
+        assert fastchat.done and dbgpt.done
     if case.hit:  # the stop string really cut the answer short
         assert fastchat.finish_reason == "stop", fastchat
         assert len(fastchat.text) < len(reference.replace("\ufffd", "") if stream else reference)

@@ -81,7 +81,7 @@ def test_s01_registration_within_2s_of_start(
     dbgpt_cluster: DbgptCluster,
     adapter_factory: Callable[..., AdapterProc],
     http: httpx.Client,
-    timing: Callable[[str, float], None],
+    timing: Callable[..., None],
 ) -> None:
     """Both models healthy at the adapter's host:port on the real controller within 2 s of the
     process being spawned; `dbgpt model list` shows both rows (Healthy True, right type);
@@ -145,7 +145,7 @@ def test_s08_controller_restart_registry_refilled_within_one_heartbeat(
     dbgpt_cluster: DbgptCluster,
     adapter_factory: Callable[..., AdapterProc],
     http: httpx.Client,
-    timing: Callable[[str, float], None],
+    timing: Callable[..., None],
 ) -> None:
     """SIGTERM the controller: the adapter keeps serving while it is down; restarted (empty
     registry, same TOML), the adapter's next heartbeat puts both models back within one
@@ -200,7 +200,7 @@ def test_s09_sigterm_deregisters_first_then_drains_five_streams(
     dbgpt_cluster_factory: Callable[..., DbgptCluster],
     adapter_factory: Callable[..., AdapterProc],
     http: httpx.Client,
-    timing: Callable[[str, float], None],
+    timing: Callable[..., None],
 ) -> None:
     """5 streams of ~300 tokens through a fresh DB-GPT cluster (the shared worker's limit is
     5); SIGTERM the adapter once all 5 are producing. Polling every 50 ms shows its entries
@@ -284,7 +284,7 @@ def test_s10_standalone_apiserver_uses_the_adapter_as_its_controller(
     dbgpt_cluster_factory: Callable[..., DbgptCluster],
     adapter_factory: Callable[..., AdapterProc],
     http: httpx.Client,
-    timing: Callable[[str, float], None],
+    timing: Callable[..., None],
 ) -> None:
     """No --controller-address: the adapter is the controller. A DB-GPT apiserver whose
     controller_addr is the adapter lists both models and serves chats (stream and not) and
