@@ -141,6 +141,14 @@ class Settings(BaseSettings):
                 "no upstream: give --worker-address, --embedding-worker-address or "
                 "--fastchat-controller-address"
             )
+        # One URL is one worker of one type: a worker listed as both would be registered as
+        # only one of them, silently.
+        both = sorted(set(self.worker_address) & set(self.embedding_worker_address))
+        if both:
+            raise ValueError(
+                f"{', '.join(both)} given as both --worker-address and "
+                "--embedding-worker-address; list each worker once"
+            )
         return self
 
     @property

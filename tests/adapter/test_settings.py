@@ -170,3 +170,22 @@ def test_serve_help_lists_every_setting_with_default_and_env(
     assert "[default: '127.0.0.1'; env FASTCHAT_ADAPTER_HOST]" in text
     assert "[default: 8100; env FASTCHAT_ADAPTER_PORT]" in text
     assert text.count("[default:") >= len(Settings.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        ([], ["no upstream", "--worker-address"]),
+        (
+            ["--worker-address", "http://w:1", "--embedding-worker-address", "http://w:1/"],
+            ["http://w:1", "both", "--embedding-worker-address"],
+        ),
+    ],
+)
+def test_inconsistent_upstreams_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], words: list[str]
+) -> None:
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert all(word in err for word in words), err
