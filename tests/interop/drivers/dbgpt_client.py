@@ -29,10 +29,13 @@ import json
 import sys
 from typing import Any
 
-from dbgpt.core import ModelMessage, ModelRequest
-from dbgpt.model.cluster.client import RemoteLLMClient
-
+# Whatever DB-GPT prints goes to stderr, from the first import on: stdout carries only the JSON
+# result. (dbgpt.configs prints "Setting random seed to 42" on import when CI is set.)
 REAL_STDOUT = sys.stdout
+sys.stdout = sys.stderr
+
+from dbgpt.core import ModelMessage, ModelRequest  # noqa: E402
+from dbgpt.model.cluster.client import RemoteLLMClient  # noqa: E402
 
 
 def _output(out: Any) -> dict[str, Any]:
@@ -97,6 +100,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    # Whatever DB-GPT prints goes to stderr: stdout carries only the JSON result.
-    sys.stdout = sys.stderr
     sys.exit(asyncio.run(main()))
