@@ -10,6 +10,9 @@ Session fixtures (started once, in parallel, as soon as the session knows it nee
     dbgpt_cluster    DbgptCluster: .controller_url .api_url .config_path .home .pids,
                      .restart_controller() / .stop_controller() / .start_controller(),
                      .model_list(), .dbgpt(*args); Procs .controller .apiserver
+    dbgpt075_cluster DbgptCluster of DB-GPT 0.7.5 (PEERS.md §2.7): same TOML and commands, from
+                     its own venv (peers.DBGPT_075), built and started only when a test asks
+                     for it (test_dbgpt_075.py)
 Function fixtures:
     fastchat_worker_factory   start(model_name, ...) -> FastChatWorker; stopped after the test
     dbgpt_cluster_factory     start(...) -> a fresh DbgptCluster; stopped after the test
@@ -119,8 +122,8 @@ class _Launcher:
     def fastchat_env(self) -> Future[peer_cache.PeerEnv]:
         return self._once("fastchat-env", lambda: peer_cache.ensure_env(peer_cache.FASTCHAT))
 
-    def dbgpt_env(self) -> Future[peer_cache.PeerEnv]:
-        return self._once("dbgpt-env", lambda: peer_cache.ensure_env(peer_cache.DBGPT))
+    def dbgpt_env(self, spec: peer_cache.EnvSpec = peer_cache.DBGPT) -> Future[peer_cache.PeerEnv]:
+        return self._once(f"{spec.name}-env", lambda: peer_cache.ensure_env(spec))
 
     def models(self) -> Future[peer_cache.Models]:
         return self._once(
@@ -141,15 +144,16 @@ class _Launcher:
 
         return self._once("fastchat-stack", start)
 
-    def dbgpt_cluster(self) -> Future[DbgptCluster]:
+    def dbgpt_cluster(self, spec: peer_cache.EnvSpec = peer_cache.DBGPT) -> Future[DbgptCluster]:
         def start() -> DbgptCluster:
-            return start_dbgpt_cluster(self.run, self.dbgpt_env().result(SETUP_TIMEOUT_S))
+            env = self.dbgpt_env(spec).result(SETUP_TIMEOUT_S)
+            return start_dbgpt_cluster(self.run, env, spec.name.replace(".", ""))
 
-        return self._once("dbgpt-cluster", start)
+        return self._once(f"{spec.name}-cluster", start)
 
     def revive(self) -> None:
         """Restart processes of already started stacks that an earlier test left dead."""
-        for key in ("fastchat-stack", "dbgpt-cluster"):
+        for key in ("fastchat-stack", "dbgpt-cluster", f"{peer_cache.DBGPT_075.name}-cluster"):
             future = self._futures.get(key)
             if future is not None and future.done() and future.exception() is None:
                 future.result().revive()
@@ -180,6 +184,8 @@ def _launcher(request: pytest.FixtureRequest, interop_run: RunDir) -> Iterator[_
         launcher.fastchat_stack()
     if "dbgpt_cluster" in needed:
         launcher.dbgpt_cluster()
+    if "dbgpt075_cluster" in needed:
+        launcher.dbgpt_cluster(peer_cache.DBGPT_075)
     if "peers" in needed:
         launcher.models()
         launcher.dbgpt_env()
@@ -228,6 +234,12 @@ def fastchat_stack(_launcher: _Launcher) -> FastChatStack:
 @pytest.fixture(scope="session")
 def dbgpt_cluster(_launcher: _Launcher) -> DbgptCluster:
     return _launcher.dbgpt_cluster().result(SETUP_TIMEOUT_S + STACK_TIMEOUT_S)
+
+
+@pytest.fixture(scope="session")
+def dbgpt075_cluster(_launcher: _Launcher) -> DbgptCluster:
+    future = _launcher.dbgpt_cluster(peer_cache.DBGPT_075)
+    return future.result(SETUP_TIMEOUT_S + STACK_TIMEOUT_S)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 Standard library only, so that CI can warm the cache before pytest runs:
 
     python -m tests.interop.peers ensure     # build what is missing, print the paths
+    python -m tests.interop.peers ensure --dbgpt-075   # also the DB-GPT 0.7.5 leg's venv
     python -m tests.interop.peers prune      # delete cached folders no current key points to
 
 Layout under the git-ignored `<repo>/.peers/`:
@@ -117,7 +118,34 @@ DBGPT = EnvSpec(
     ),
 )
 
-ENVS = {spec.name: spec for spec in (FASTCHAT, DBGPT)}
+# A second DB-GPT leg (PEERS.md §2.7): dbgpt-serve has no 0.7.x on PyPI, 0.8.0 works with it.
+# Built only when a test asks for it (the `dbgpt075_cluster` fixture, test_dbgpt_075.py).
+DBGPT_075 = EnvSpec(
+    name="dbgpt-0.7.5",
+    first=(),
+    pins=(
+        "dbgpt[cli,client]==0.7.5",
+        "dbgpt-ext==0.7.5",
+        "dbgpt-serve==0.8.0",
+        "cloudpickle",
+        "shortuuid",
+        "sqlalchemy>=2.0.25,<2.0.29",
+        "sqlparse==0.4.4",
+        "uvicorn",
+        "requests",
+    ),
+    no_deps=(),
+    smoke=(
+        "import cloudpickle, shortuuid, requests, uvicorn, sqlparse, dbgpt_serve\n"
+        "import dbgpt.model.cluster.controller.controller\n"
+        "import dbgpt.model.cluster.apiserver.api\n"
+        "from dbgpt.model.cluster.client import DefaultLLMClient\n"
+        "from importlib.metadata import version\n"
+        "assert version('dbgpt') == '0.7.5', version('dbgpt')\n"
+    ),
+)
+
+ENVS = {spec.name: spec for spec in (FASTCHAT, DBGPT, DBGPT_075)}
 
 
 class PeerSetupError(RuntimeError):
@@ -478,6 +506,9 @@ def prune() -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.interop.peers", description=__doc__)
     parser.add_argument("command", choices=["ensure", "prune", "keys"])
+    parser.add_argument(
+        "--dbgpt-075", action="store_true", help="ensure: also the DB-GPT 0.7.5 venv"
+    )
     args = parser.parse_args(argv)
     if args.command == "keys":
         for spec in ENVS.values():
@@ -490,12 +521,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         peers = ensure_all()
+        extra = ensure_env(DBGPT_075) if args.dbgpt_075 else None
     except PeerSetupError as exc:
         print(exc, file=sys.stderr)
         return 1
     print(f"fastchat venv: {peers.fastchat.path}")
     print(f"dbgpt venv:    {peers.dbgpt.path}")
     print(f"models:        {peers.models.path}")
+    if extra is not None:
+        print(f"dbgpt 0.7.5:   {extra.path}")
     print(f"ready in {time.monotonic() - t0:.1f} s")
     return 0
 

@@ -138,7 +138,10 @@ class RecordingProxy:
             message: Message = await receive()
             if message["type"] == "lifespan.startup":
                 timeout = httpx.Timeout(10.0, read=self.read_timeout)
-                client = httpx.AsyncClient(timeout=timeout, trust_env=False)
+                # Below uvicorn's 5 s keep-alive timeout: reusing a connection the worker is
+                # closing made the proxy answer 500 now and then (seen in a parity run).
+                limits = httpx.Limits(keepalive_expiry=2.0)
+                client = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
                 scope["state"]["client"] = client
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -364,7 +364,8 @@ def _refresh_fastchat_controller(url: str) -> None:
 
 @dataclass
 class DbgptCluster:
-    """DB-GPT 0.8.2 model controller + OpenAI-compatible apiserver from one TOML in $RUN.
+    """DB-GPT model controller + OpenAI-compatible apiserver from one TOML in $RUN (0.8.2, or
+    0.7.5 from its own venv for that leg).
 
     `controller` is None in standalone mode, where the apiserver's `controller_addr` points
     elsewhere (at the adapter).

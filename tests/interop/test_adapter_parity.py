@@ -7,6 +7,8 @@ recording proxies (tests/interop/recording_proxy.py). The worker registers with 
 controller under proxy A's address, so openai_api_server reaches it through A; the adapter's
 `--worker-address` is proxy B. So every request body the worker gets is recorded, and we know
 which side sent it. The adapter registers `parity-vicuna@llm` with the shared DB-GPT cluster.
+The rig and the checks are plain functions (`parity_rig`, `check_*`): test_dbgpt_075.py runs a
+subset of them against a DB-GPT 0.7.5 cluster.
 
 Both sides get `temperature: 0`. DB-GPT's apiserver drops a 0 (PROTOCOLS.md §8.2), so the
 adapter sees none and applies its documented default, 0.0 (greedy); FastChat's server forwards
@@ -17,6 +19,7 @@ from stream deltas only.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +48,7 @@ class Rig:
     adapter: AdapterProc
     fastchat_proxy: RecordingProxy  # what openai_api_server sends the worker
     adapter_proxy: RecordingProxy  # what the adapter sends the worker
+    model: str = MODEL  # the name the worker serves and both sides ask for
     references: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -56,23 +60,28 @@ class Rig:
         return self.cluster.api_url + "/api/v1/chat/completions"
 
 
-@pytest.fixture(scope="module")
-def rig(
+@contextlib.contextmanager
+def parity_rig(
     interop_run: RunDir,
     peers: Peers,
     fastchat_stack: FastChatStack,
     dbgpt_cluster: DbgptCluster,
+    *,
+    name: str = "parity",
+    model: str = MODEL,
 ) -> Iterator[Rig]:
+    """Start the worker (serving `model`), both proxies and an adapter registered with
+    `dbgpt_cluster`'s controller; stop them all on exit. `name` prefixes the process names."""
     port = free_port()
     target = f"http://127.0.0.1:{port}"
     fastchat_proxy = RecordingProxy(target).start()
     adapter_proxy = RecordingProxy(target).start()
     worker = FastChatWorker(
         interop_run,
-        "parity-worker",
+        f"{name}-worker",
         python=peers.fastchat.python,
         model_path=peers.models.tiny_llm,
-        model_name=MODEL,
+        model_name=model,
         controller_url=fastchat_stack.controller_url,
         port=port,
         worker_address=fastchat_proxy.url,
@@ -82,11 +91,13 @@ def rig(
         worker.start(same_port=True)
         adapter = start_adapter(
             interop_run,
-            "parity-adapter",
+            f"{name}-adapter",
             workers=[adapter_proxy.url],
             controllers=[dbgpt_cluster.controller_url],
         )
-        yield Rig(fastchat_stack, dbgpt_cluster, worker, adapter, fastchat_proxy, adapter_proxy)
+        yield Rig(
+            fastchat_stack, dbgpt_cluster, worker, adapter, fastchat_proxy, adapter_proxy, model
+        )
     finally:
         if adapter is not None:
             adapter.stop()
@@ -96,6 +107,17 @@ def rig(
         # Drop the worker from FastChat's controller now (its proxy refuses connections).
         with httpx.Client(timeout=10, trust_env=False) as client:
             client.post(fastchat_stack.controller_url + "/refresh_all_workers")
+
+
+@pytest.fixture(scope="module")
+def rig(
+    interop_run: RunDir,
+    peers: Peers,
+    fastchat_stack: FastChatStack,
+    dbgpt_cluster: DbgptCluster,
+) -> Iterator[Rig]:
+    with parity_rig(interop_run, peers, fastchat_stack, dbgpt_cluster) as parity:
+        yield parity
 
 
 # --- conversations -------------------------------------------------------------------------------
@@ -199,9 +221,9 @@ CASES = [
 ]
 
 
-def _body(case: Case, stops: list[str], *, stream: bool) -> dict[str, Any]:
+def _body(rig: Rig, case: Case, stops: list[str], *, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "model": MODEL,
+        "model": rig.model,
         "messages": case.messages,
         "temperature": 0,
         "max_tokens": case.max_tokens,
@@ -215,7 +237,7 @@ def _body(case: Case, stops: list[str], *, stream: bool) -> dict[str, Any]:
 def _reference(rig: Rig, http: httpx.Client, case: Case) -> str:
     """FastChat's non-stream answer without stop strings (to pick stops from)."""
     if case.name not in rig.references:
-        answer = post_openai(http, rig.fastchat_chat, _body(case, [], stream=False))
+        answer = post_openai(http, rig.fastchat_chat, _body(rig, case, [], stream=False))
         assert answer.status == 200 and not answer.errors, answer
         rig.references[case.name] = answer.text
     return rig.references[case.name]
@@ -265,14 +287,18 @@ def _answers_differ(fastchat: Answer, dbgpt: Answer) -> list[str]:
 # --- 2. chat parity --------------------------------------------------------------------------
 
 
-def test_s02_parity_rig_topology(rig: Rig, http: httpx.Client) -> None:
+def check_rig_topology(rig: Rig, http: httpx.Client) -> None:
     """Each side reaches the worker through its own proxy, and only through it."""
     models = http.post(rig.stack.controller_url + "/list_models", timeout=10).json()["models"]
-    assert MODEL in models
+    assert rig.model in models
     address = http.post(
-        rig.stack.controller_url + "/get_worker_address", json={"model": MODEL}, timeout=10
+        rig.stack.controller_url + "/get_worker_address", json={"model": rig.model}, timeout=10
     ).json()["address"]
     assert address == rig.fastchat_proxy.url
+
+
+def test_s02_parity_rig_topology(rig: Rig, http: httpx.Client) -> None:
+    check_rig_topology(rig, http)
 
 
 @pytest.mark.deadline(90)
@@ -281,6 +307,10 @@ def test_s02_parity_rig_topology(rig: Rig, http: httpx.Client) -> None:
 def test_s02_chat_parity_at_temperature_0(
     rig: Rig, http: httpx.Client, case: Case, stream: bool
 ) -> None:
+    check_chat_parity(rig, http, case, stream=stream)
+
+
+def check_chat_parity(rig: Rig, http: httpx.Client, case: Case, *, stream: bool) -> None:
     """Byte-identical text and the same finish reason from FastChat's /v1/chat/completions and
     DB-GPT's /api/v1/chat/completions (through the adapter), and the same prompt,
     max_new_tokens, stop set and greedy temperature in the bodies the worker received."""
@@ -289,10 +319,10 @@ def test_s02_chat_parity_at_temperature_0(
     assert len(stops) <= 4  # DB-GPT's apiserver rejects 5
 
     mark_fastchat = rig.fastchat_proxy.mark()
-    fastchat = post_openai(http, rig.fastchat_chat, _body(case, stops, stream=stream))
+    fastchat = post_openai(http, rig.fastchat_chat, _body(rig, case, stops, stream=stream))
     fastchat_body = _one_body(rig.fastchat_proxy, mark_fastchat)
     mark_adapter = rig.adapter_proxy.mark()
-    dbgpt = post_openai(http, rig.dbgpt_chat, _body(case, stops, stream=stream))
+    dbgpt = post_openai(http, rig.dbgpt_chat, _body(rig, case, stops, stream=stream))
     adapter_body = _one_body(rig.adapter_proxy, mark_adapter)
 
     problems = _answers_differ(fastchat, dbgpt)
@@ -322,11 +352,17 @@ PROMPTS = [
 def test_s03_completions_parity(
     rig: Rig, http: httpx.Client, name: str, prompt: str, max_tokens: int, stream: bool
 ) -> None:
+    check_completions_parity(rig, http, prompt, max_tokens, stream=stream)
+
+
+def check_completions_parity(
+    rig: Rig, http: httpx.Client, prompt: str, max_tokens: int, *, stream: bool
+) -> None:
     """DB-GPT's /api/v1/completions (the worker gets `prompt`, `chat_model: false`) against
     FastChat's /v1/completions with the same prompt, max_tokens and temperature 0: equal
     text and finish reason; the worker gets the prompt verbatim from both."""
     body = {
-        "model": MODEL,
+        "model": rig.model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,

@@ -3,6 +3,7 @@ DB-GPT 0.8.2 controller and apiserver (PEERS.md §5).
 
 The adapter is the real `fastchat-adapter serve`, fronting the shared FastChat workers, with a
 1 s heartbeat and a 0.5 s status poll (stacks.ADAPTER_*); the DB-GPT controllers use 5/15 s.
+Scenario 1's body is `check_registration`; test_dbgpt_075.py runs it against DB-GPT 0.7.5.
 """
 
 from __future__ import annotations
@@ -83,9 +84,21 @@ def test_s01_registration_within_2s_of_start(
     http: httpx.Client,
     timing: Callable[..., None],
 ) -> None:
+    check_registration(fastchat_stack, dbgpt_cluster, adapter_factory, http, timing)
+
+
+def check_registration(
+    fastchat_stack: FastChatStack,
+    dbgpt_cluster: DbgptCluster,
+    adapter_factory: Callable[..., AdapterProc],
+    http: httpx.Client,
+    timing: Callable[..., None],
+    label: str = "s01",
+) -> None:
     """Both models healthy at the adapter's host:port on the real controller within 2 s of the
-    process being spawned; `dbgpt model list` shows both rows (Healthy True, right type);
-    the apiserver's /api/v1/models lists both names."""
+    process being spawned; `dbgpt model list` (that cluster's CLI) shows both rows (Healthy
+    True, right type); the apiserver's /api/v1/models lists both names. `label` prefixes the
+    timing names."""
     controller = dbgpt_cluster.controller_url
     adapter = _standard_adapter(adapter_factory, fastchat_stack, controller, wait_ready=False)
     assert adapter.launched_at is not None
@@ -108,9 +121,9 @@ def test_s01_registration_within_2s_of_start(
     )
     done = time.monotonic()
     latency = done - adapter.launched_at
-    timing("s01 registration latency (spawn -> both healthy on the controller)", latency)
+    timing(f"{label} registration latency (spawn -> both healthy on the controller)", latency)
     if listening:
-        timing("s01 registration latency (first /livez -> both healthy)", done - listening[0])
+        timing(f"{label} registration latency (first /livez -> both healthy)", done - listening[0])
     adapter.wait_ready(10)
 
     instances = instances_at(http, controller, *adapter.host_port)
