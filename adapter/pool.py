@@ -98,7 +98,9 @@ class WorkerPool:
     workers: dict[str, Worker] = field(default_factory=dict)
     _listeners: list[Listener] = field(default_factory=list)
     _info: dict[tuple[str, str], tuple[int, ModelInfo]] = field(default_factory=dict)
-    _info_locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # The fetch in progress per key, shared by every request that finds the cache cold; the
+    # entry goes as soon as the fetch ends, so unknown keys leave nothing behind.
+    _info_fetches: dict[tuple[str, str], asyncio.Future[ModelInfo]] = field(default_factory=dict)
 
     @classmethod
     def from_addresses(
@@ -131,7 +133,10 @@ class WorkerPool:
     async def run(self, interval: float) -> None:
         """Background loop; cancelled at shutdown."""
         while True:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # a bug must cost one poll, not every later one
+                log.exception("status poll failed")
             await asyncio.sleep(interval)
 
     async def _poll(self, worker: Worker) -> None:
@@ -265,23 +270,39 @@ class WorkerPool:
 
     # --- per (worker, model) cache ------------------------------------------------------
     async def model_info(self, route: Route) -> ModelInfo:
+        """Template and context length of ``route``, from the cache or fetched. Concurrent
+        callers with a cold cache share one fetch, and its outcome: a failure reaches every
+        caller waiting on it at once (never cached; the next caller fetches again). A caller
+        that is cancelled leaves the fetch running for the others."""
         key = (route.worker, route.model)
         generation = self._generation_of(route.worker)
         cached = self._info.get(key)
         if cached is not None and cached[0] == generation:
             return cached[1]
-        lock = self._info_locks.setdefault(key, asyncio.Lock())
-        async with lock:  # one fetch per key even under a burst of first requests
-            cached = self._info.get(key)
-            if cached is not None and cached[0] == generation:
-                return cached[1]
-            conv, context_length = await asyncio.gather(
-                self.client.conv_template(route.worker, route.model),
-                self.client.context_length(route.worker, route.model),
-            )
-            info = ModelInfo(conv, context_length)
-            self._info[key] = (generation, info)  # only successes are cached
-            return info
+        fetch = self._info_fetches.get(key)
+        if fetch is None:
+            fetch = asyncio.ensure_future(self._fetch_info(route, generation))
+            self._info_fetches[key] = fetch
+            fetch.add_done_callback(lambda done: self._fetch_over(key, done))
+        return await asyncio.shield(fetch)
+
+    async def _fetch_info(self, route: Route, generation: int) -> ModelInfo:
+        conv = asyncio.ensure_future(self.client.conv_template(route.worker, route.model))
+        details = asyncio.ensure_future(self.client.context_length(route.worker, route.model))
+        try:
+            await asyncio.gather(conv, details)
+        finally:  # after a failure, the other call is not left running
+            conv.cancel()
+            details.cancel()
+        info = ModelInfo(conv.result(), details.result())
+        self._info[(route.worker, route.model)] = (generation, info)  # only successes
+        return info
+
+    def _fetch_over(self, key: tuple[str, str], fetch: asyncio.Future[ModelInfo]) -> None:
+        if self._info_fetches.get(key) is fetch:
+            del self._info_fetches[key]
+        if not fetch.cancelled():
+            fetch.exception()  # retrieved, even if every caller has gone meanwhile
 
     def _generation_of(self, url: str) -> int:
         worker = self.workers.get(url)

@@ -135,7 +135,10 @@ class Registrar:
             await asyncio.sleep(max(0.0, due - loop.time()))
             due += self._interval  # a fixed rate: a slow poll does not push the next one back
             # Fresh liveness first: only the workers that answer this poll get a heartbeat.
-            await self._pool.refresh()
+            try:
+                await self._pool.refresh()
+            except Exception:  # a bug must not end heartbeats; the last known state stands
+                log.exception("status poll before heartbeats failed")
             for c in self._controllers:
                 c.heartbeat_due = True
                 c.wake.set()

@@ -20,14 +20,20 @@ stream.
 Streaming relays each upstream frame as one downstream frame the moment it is decoded. After
 the frame that ends the stream (a finish reason or an error), the rest of the upstream body is
 read and dropped, so the worker sees a complete exchange and the connection goes back to the
-pool; a failure during that drain changes nothing downstream.
+pool; a failure during that drain changes nothing downstream. The drain is bounded by
+``DRAIN_TIMEOUT``: DB-GPT sends its last events only when our body ends, so a worker that keeps
+its body open after the final chunk must not hold the answer for the idle timeout; the upstream
+connection is closed instead (FastChat frees the slot either way).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from adapter.pool import NoWorker, Route
 from adapter.streaming import Emit
@@ -52,6 +58,9 @@ if TYPE_CHECKING:
 __all__ = ["Failure", "Prepared", "Relay", "frame"]
 
 log = logging.getLogger("fastchat_adapter.relay")
+
+DRAIN_TIMEOUT: Final = 2.0
+"""Seconds the rest of an upstream body may take after the frame that ended the stream."""
 
 
 def frame(output: ModelOutput) -> bytes:
@@ -160,6 +169,10 @@ class Relay:
                     else:
                         self.tracker.frame_relayed()
                     await emit(frame(output))
+                    if translator.ended:
+                        break
+                if translator.ended:
+                    await _drain(chunks)
         except UpstreamError as exc:
             if translator.ended:
                 return outcome
@@ -198,6 +211,14 @@ class Relay:
             self._in_band_error(route)
             return output, "error"
         return output, "ok"
+
+
+async def _drain(chunks: AsyncIterator[dict[str, Any]]) -> None:
+    """Read and drop what follows the final frame, for at most ``DRAIN_TIMEOUT`` seconds."""
+    with contextlib.suppress(UpstreamError, TimeoutError):
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            async for _ in chunks:
+                pass
 
 
 def _translate(

@@ -22,7 +22,7 @@ from adapter.pool import WorkerPool
 from adapter.registration import Registrar
 from adapter.registry import ModelRegistry
 from adapter.settings import Settings
-from adapter.upstream import FastChatClient, make_http_client
+from adapter.upstream import DEFAULT_READ_TIMEOUT, FastChatClient, make_http_client
 
 log = logging.getLogger("fastchat_adapter")
 
@@ -79,7 +79,10 @@ class Runtime:
     def create(cls, settings: Settings) -> Runtime:
         metrics = Metrics()
         metrics.build_info.labels(VERSION).set(1)
-        http = make_http_client(settings.connect_timeout)
+        # Every call to a worker is bounded by the idle timeout when it is the shorter: a
+        # wedged worker hangs count_token or the template fetch as surely as a generation.
+        read_timeout = min(DEFAULT_READ_TIMEOUT, settings.idle_timeout)
+        http = make_http_client(settings.connect_timeout, read_timeout)
         client = FastChatClient(http, idle_timeout=settings.idle_timeout)
         pool = WorkerPool.from_addresses(
             client,

@@ -5,7 +5,8 @@ On SIGTERM/SIGINT, in this order:
    (``Runtime.begin_shutdown``): while streams are still running, so DB-GPT stops routing here;
 2. tell uvicorn to exit: it stops accepting, lets in-flight streams finish for up to
    ``shutdown_grace`` seconds, then runs the lifespan shutdown (background tasks, HTTP pool);
-3. exit 0. A second signal forces exit at once.
+3. exit 0. A second signal forces exit without draining the streams; only the deregistration
+   already under way (bounded by its short per-call timeouts) is let finish first.
 Uvicorn runs lifespan shutdown only after streams drain, so step 1 cannot live there.
 """
 
@@ -37,6 +38,10 @@ class AdapterServer(uvicorn.Server):
     async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)  # type: ignore[arg-type]
+        if self._shutdown is not None and not self._shutdown.done():
+            # A second signal skipped the drain, not the deregistration under way: it is
+            # bounded, and a stale healthy entry would break DB-GPT's chats (§10 item 18).
+            await self._shutdown
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Deliberately not recording the signal: uvicorn would re-raise it after serving and

@@ -57,13 +57,22 @@ class UpstreamError(Exception):
         return _CODE_BY_REASON.get(self.reason, INTERNAL_ERROR)
 
 
+DEFAULT_READ_TIMEOUT: Final = 30.0
+"""Read timeout of the calls that are not generations (status, template, count_token…)."""
+
+
 def make_http_client(
-    connect_timeout: float, read_timeout: float | None = 30.0
+    connect_timeout: float, read_timeout: float | None = DEFAULT_READ_TIMEOUT
 ) -> httpx.AsyncClient:
     """The process-wide pool. Streams override the read timeout with the idle timeout."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=30.0, pool=None),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        # FastChat workers run uvicorn, which closes idle keep-alive connections after 5 s:
+        # reusing one at that moment fails the request ("Server disconnected"). Dropping ours
+        # first, at 2 s, closes that race; status polls keep a warm connection anyway.
+        limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0
+        ),
         trust_env=False,  # loopback sidecar: an inherited proxy setting must never capture it
     )
 
@@ -139,7 +148,7 @@ class FastChatClient:
             raise _transport_error(worker, exc) from exc
         try:
             if response.status_code != 200:
-                body = (await response.aread())[:500].decode("utf-8", "replace")
+                body = await _head(response)
                 raise UpstreamError(worker, "http_status", f"HTTP {response.status_code}: {body}")
             chunks = self._chunks(worker, response)
             try:
@@ -262,6 +271,22 @@ class FastChatClient:
 
 def _as_is(reply: dict[str, Any]) -> dict[str, Any]:
     return reply
+
+
+async def _head(response: httpx.Response, limit: int = 500) -> str:
+    """The start of an error body, for the message. Reading stops at ``limit`` bytes, and a
+    body that stalls or breaks gives what arrived: the status is the failure reported."""
+    head = bytearray()
+    chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+    try:
+        async with aclosing(chunks):
+            async for data in chunks:
+                head += data
+                if len(head) >= limit:
+                    break
+    except httpx.HTTPError as exc:
+        head += f" [body unreadable: {type(exc).__name__}]".encode()
+    return head[:limit].decode("utf-8", "replace")
 
 
 def _transport_error(worker: str, exc: httpx.HTTPError) -> UpstreamError:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 import respx
 
@@ -89,3 +91,63 @@ async def test_only_slot_taking_calls_count_towards_the_queue(
     assert pool.workers[W].queue_length == 1
     await pool.refresh()  # the next poll says what the worker really has
     assert pool.workers[W].queue_length == 0
+
+
+async def test_concurrent_first_requests_share_one_fetch_and_its_failure(
+    pool: WorkerPool, worker: respx.MockRouter
+) -> None:
+    # A slow failing template fetch: the requests waiting on it get its error at once, instead
+    # of each fetching again in turn (N waiters waiting N fetch times), and the details call
+    # that was still running is cancelled, not left behind. The error is not cached.
+    details_cancelled = asyncio.Event()
+
+    async def slow_failure(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.3)
+        return httpx.Response(500, text="template exploded")
+
+    async def slow_details(request: httpx.Request) -> httpx.Response:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            details_cancelled.set()
+            raise
+        return httpx.Response(200, json={"context_length": 99})
+
+    worker["conv"].side_effect = slow_failure
+    worker["details"].side_effect = slow_details
+    await pool.refresh()
+    route = await pool.resolve("m", takes_slot=False)
+    started = asyncio.get_running_loop().time()
+    results = await asyncio.gather(
+        *(pool.model_info(route) for _ in range(4)), return_exceptions=True
+    )
+    elapsed = asyncio.get_running_loop().time() - started
+    assert all(isinstance(r, UpstreamError) and r.reason == "http_status" for r in results)
+    assert worker["conv"].call_count == 1 and elapsed < 1.0
+    await asyncio.wait_for(details_cancelled.wait(), 1.0)
+    worker["conv"].side_effect = None
+    worker["details"].side_effect = None
+    infos = await asyncio.gather(*(pool.model_info(route) for _ in range(4)))
+    assert worker["conv"].call_count == 2  # fetched again after the error, once for all
+    assert all(info is infos[0] for info in infos)
+    assert not pool._info_fetches  # nothing kept per key once the fetch is over
+
+
+async def test_the_poll_loop_survives_an_unexpected_error(
+    pool: WorkerPool, worker: respx.MockRouter
+) -> None:
+    # A bug or an odd reply must cost one poll, not stop polling for the process's lifetime
+    # (workers would then never be seen going down or coming back).
+    worker["status"].side_effect = [RuntimeError("surprise")] + [
+        httpx.Response(200, json={"model_names": ["m"], "speed": 1, "queue_length": 0})
+    ] * 50
+    loop = asyncio.ensure_future(pool.run(0.01))
+    try:
+        for _ in range(200):
+            if pool.workers[W].alive:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.workers[W].alive
+        assert not loop.done()
+    finally:
+        loop.cancel()

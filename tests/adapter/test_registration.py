@@ -363,3 +363,25 @@ async def test_measured_worker_death_to_unhealthy_with_the_default_status_interv
             await until_listed(controller, {"tiny@llm": True}, timeout=4)
         print("worker death -> unhealthy: " + ", ".join(f"{d:.2f} s" for d in delays))
         assert all(d < 2.0 + 0.5 for d in delays), delays
+
+
+async def test_heartbeats_go_on_after_an_unexpected_poll_error(
+    controller: FakeController, tiny: FakeWorker
+) -> None:
+    # A bug or an odd reply in the poll before a heartbeat must cost one round, not end
+    # heartbeats for good (DB-GPT would mark everything unhealthy a minute later).
+    config = settings(worker_address=[tiny.url], controller_address=[controller.url])
+    async with running(config) as runtime:
+        await _wait_calls(controller, REGISTER, "tiny@llm", 1)
+        refresh = runtime.pool.refresh
+        failures = iter([RuntimeError("surprise")] * 5)  # the status loop shares some
+
+        async def flaky_refresh() -> None:
+            failure = next(failures, None)
+            if failure is not None:
+                raise failure
+            await refresh()
+
+        runtime.pool.refresh = flaky_refresh  # type: ignore[method-assign]
+        before = len(calls(controller, HEARTBEAT, "tiny@llm"))
+        await _wait_calls(controller, HEARTBEAT, "tiny@llm", before + 3, timeout=3)

@@ -272,3 +272,38 @@ def _wait_sync(found: object, timeout: float) -> list[Call]:
 
 async def _wait(fake: FakeController, kind: tuple[str, str], key: str, count: int) -> None:
     await eventually(lambda: len(calls(fake, kind, key)) >= count, what=f"{count} x {kind}")
+
+
+def test_cli_second_sigterm_still_deregisters_before_exiting(tmp_path: Path) -> None:
+    # The second signal skips the drain, but not the deregistration already under way (it is
+    # bounded): a stale healthy entry would break every chat of DB-GPT's RemoteLLMClient.
+    # Slow heartbeats keep a call in flight, so the DELETE waits for it when SIGTERM comes.
+    with (
+        FakeWorker(ReferenceWorkerConfig(model_names=("tiny",))) as worker,
+        FakeController() as fake,
+    ):
+        port = free_port()
+        log = (tmp_path / "adapter.log").open("wb")
+        command = [
+            str(CLI), "serve", "--port", str(port), "--worker-address", worker.url,
+            "--controller-address", fake.url, "--heartbeat-interval", "0.2",
+            "--status-interval", "0.2", "--shutdown-grace", "10",
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCHAT_ADAPTER_")}
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_sync(lambda: calls(fake, REGISTER, "tiny@llm"), 15)
+            fake.delays["/api/controller/heartbeat"] = 1.0
+            _wait_sync(lambda: [True] if fake.in_flight else [], 5)  # a slow heartbeat is out
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+        output = (tmp_path / "adapter.log").read_text(errors="replace")
+        assert calls(fake, DELETE), output
+        _wait_sync(lambda: [True] if fake.listing() == [] else [], 5)

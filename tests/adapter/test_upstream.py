@@ -131,3 +131,28 @@ async def test_count_token_replies(reply: dict[str, Any], reason: str | None, co
     else:
         assert isinstance(count, UpstreamError)
         assert (count.reason, count.error_code) == (reason, code)
+
+
+@pytest.mark.parametrize(
+    ("failure", "name"),
+    [
+        (httpx.ReadTimeout(""), "ReadTimeout"),
+        (httpx.RemoteProtocolError("peer closed connection"), "RemoteProtocolError"),
+    ],
+)
+async def test_an_error_body_that_breaks_is_still_an_http_status_error(
+    failure: Exception, name: str
+) -> None:
+    # A 500 whose body then stalls or is cut: reading it for the message must not let the
+    # raw httpx exception out (the relay would call it an adapter bug).
+    got, error = await read(client_for(Body(b'{"detail": "half', failure), status=500))
+    assert got == []
+    assert error is not None and error.reason == "http_status"
+    detail = f'HTTP 500: {{"detail": "half [body unreadable: {name}]'
+    assert str(error) == f"FastChat worker {WORKER}: http_status: {detail}"
+
+
+async def test_a_huge_error_body_is_not_read_whole() -> None:
+    body = Body(b"x" * 400, b"y" * 400, 10.0, b"z" * 400)  # the pause: never reached
+    _, error = await asyncio.wait_for(read(client_for(body, status=500)), 2.0)
+    assert error is not None and str(error).endswith("HTTP 500: " + "x" * 400 + "y" * 100)
