@@ -34,6 +34,7 @@ demo: venv
 
 bench: venv
 	$(BIN)/python bench/bench_protocol.py
+	$(BIN)/python bench/bench_adapter.py
 
 clean:
 	rm -rf $(VENV) .peers .pytest_cache .mypy_cache .ruff_cache
