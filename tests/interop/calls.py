@@ -33,6 +33,17 @@ class Answer:
         return reasons[-1] if reasons else None
 
 
+def chat_body(model: str, content: str, max_tokens: int, *, stream: bool) -> dict[str, Any]:
+    """One greedy user turn for an OpenAI-style /chat/completions endpoint."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
 def sse_data(response: httpx.Response) -> Iterator[str]:
     """The `data:` payloads of an SSE body, in order."""
     for line in response.iter_lines():

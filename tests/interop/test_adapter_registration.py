@@ -19,6 +19,7 @@ import pytest
 
 from tests.interop.calls import (
     Answer,
+    chat_body,
     controller_instances,
     instances_at,
     post_openai,
@@ -61,16 +62,6 @@ def _model_list_rows(cluster: DbgptCluster) -> list[list[str]]:
         if len(cells) >= 5 and cells[0] not in ("Model Name", ""):
             rows.append(cells)
     return rows
-
-
-def _chat(model: str, content: str, max_tokens: int, *, stream: bool) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
 
 
 # --- 1. registration ----------------------------------------------------------------------------
@@ -197,7 +188,7 @@ def test_s08_controller_restart_registry_refilled_within_one_heartbeat(
     answer = post_openai(
         http,
         dbgpt_cluster.api_url + "/api/v1/chat/completions",
-        _chat("tiny-vicuna", "Back again", 8, stream=False),
+        chat_body("tiny-vicuna", "Back again", 8, stream=False),
     )
     assert answer.errors == [] and answer.status == 200, answer
     # One heartbeat interval (counted from when the harness saw /api/health answer, i.e. up to
@@ -241,7 +232,7 @@ def test_s09_sigterm_deregisters_first_then_drains_five_streams(
 
         try:
             with httpx.Client(trust_env=False) as client:
-                body = _chat("tiny-vicuna", f"Tell me story number {index}", 300, stream=True)
+                body = chat_body("tiny-vicuna", f"Tell me story number {index}", 300, stream=True)
                 url = cluster.api_url + "/api/v1/chat/completions"
                 results[index] = post_openai(client, url, body, on_event=on_event)
         except BaseException as exc:
@@ -319,10 +310,10 @@ def test_s10_standalone_apiserver_uses_the_adapter_as_its_controller(
     assert {"tiny-vicuna", "all-MiniLM-L6-v2"} <= {m["id"] for m in models.json()["data"]}
 
     url = api + "/api/v1/chat/completions"
-    plain = post_openai(http, url, _chat("tiny-vicuna", "Hello there", 16, stream=False))
+    plain = post_openai(http, url, chat_body("tiny-vicuna", "Hello there", 16, stream=False))
     assert plain.status == 200 and plain.errors == [], plain
     assert plain.text and plain.finish_reason in ("stop", "length")
-    streamed = post_openai(http, url, _chat("tiny-vicuna", "Hello there", 16, stream=True))
+    streamed = post_openai(http, url, chat_body("tiny-vicuna", "Hello there", 16, stream=True))
     assert streamed.errors == [] and streamed.done, streamed
     assert streamed.text == plain.text.replace("\ufffd", "")
     timing("s10 standalone chat (non-stream)", plain.elapsed)

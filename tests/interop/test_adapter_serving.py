@@ -16,7 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.interop.calls import Answer, instances_at, metric_values, post_openai, wait_for
+from tests.interop.calls import (
+    Answer,
+    chat_body,
+    instances_at,
+    metric_values,
+    post_openai,
+    wait_for,
+)
 from tests.interop.peers import DRIVERS, Peers
 from tests.interop.procs import run_json
 from tests.interop.stacks import AdapterProc, DbgptCluster, FastChatStack, FastChatWorker
@@ -33,16 +40,6 @@ EMBED_INPUTS = [
     "Numbers 1 2 3 4 5 6 7 8 9 10",
     "The last of nine inputs.",
 ]
-
-
-def _chat(model: str, content: str, max_tokens: int, *, stream: bool) -> dict[str, Any]:
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        "stream": stream,
-    }
 
 
 # --- 4. embeddings --------------------------------------------------------------------------
@@ -174,7 +171,7 @@ def test_s06_fastchat_and_dbgpt_stream_concurrently_from_one_worker(
     fastchat_url = fastchat_stack.openai_url + "/v1/chat/completions"
     dbgpt_url = dbgpt_cluster.api_url + "/api/v1/chat/completions"
     jobs = [
-        (side, url, _chat(model, f"Request {i}: tell me a story.", max_tokens, stream=True))
+        (side, url, chat_body(model, f"Request {i}: tell me a story.", max_tokens, stream=True))
         for i in range(per_side)
         for side, url in (("fastchat", fastchat_url), ("dbgpt", dbgpt_url))
     ]
@@ -276,7 +273,7 @@ def test_s07_worker_killed_mid_stream_then_restarted(
         answer = post_openai(
             client,
             url,
-            _chat(model, "Write a very long story.", 1800, stream=True),
+            chat_body(model, "Write a very long story.", 1800, stream=True),
             on_event=on_event,
             timeout=httpx.Timeout(30.0, connect=5.0),
         )
@@ -301,7 +298,7 @@ def test_s07_worker_killed_mid_stream_then_restarted(
     assert to_unhealthy <= adapter.heartbeat_interval, f"{to_unhealthy:.2f} s"
 
     # While it is down, DB-GPT refuses at once instead of hanging.
-    refused = post_openai(http, url, _chat(model, "Anyone?", 8, stream=False))
+    refused = post_openai(http, url, chat_body(model, "Anyone?", 8, stream=False))
     assert refused.status != 200 or refused.errors, refused
     assert refused.elapsed < 5.0, refused.elapsed
 
@@ -315,6 +312,6 @@ def test_s07_worker_killed_mid_stream_then_restarted(
     )
     back = time.monotonic() - restarted
     timing("s07 worker ready again -> healthy in the DB-GPT controller", back)
-    again = post_openai(http, url, _chat(model, "Are you back?", 16, stream=True))
+    again = post_openai(http, url, chat_body(model, "Are you back?", 16, stream=True))
     assert again.errors == [] and again.done and again.text, again
     assert again.finish_reason in ("stop", "length"), again.finish_reasons
