@@ -83,7 +83,9 @@ class Runtime:
         # wedged worker hangs count_token or the template fetch as surely as a generation.
         read_timeout = min(DEFAULT_READ_TIMEOUT, settings.idle_timeout)
         http = make_http_client(settings.connect_timeout, read_timeout)
-        client = FastChatClient(http, idle_timeout=settings.idle_timeout)
+        client = FastChatClient(
+            http, idle_timeout=settings.idle_timeout, generate_timeout=settings.generate_timeout
+        )
         pool = WorkerPool.from_addresses(
             client,
             metrics,

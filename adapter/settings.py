@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     idle_timeout: float = Field(
         120.0, gt=0, description="Longest silence between two upstream frames, seconds."
     )
+    generate_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Longest wait for a whole non-stream generation (/generate), seconds: it "
+        "sends no frames, so the idle timeout cannot bound it.",
+    )
     keepalive_interval: float = Field(
         5.0, gt=0, description="Send an empty frame downstream after this many idle seconds."
     )

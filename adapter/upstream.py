@@ -80,9 +80,12 @@ def make_http_client(
 class FastChatClient:
     """Typed calls to the FastChat worker API (PROTOCOLS.md §1) and controller API (§2)."""
 
-    def __init__(self, http: httpx.AsyncClient, *, idle_timeout: float) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, *, idle_timeout: float, generate_timeout: float = 600.0
+    ) -> None:
         self._http = http
         self._idle_timeout = idle_timeout
+        self._generate_timeout = generate_timeout
 
     # --- worker routes ------------------------------------------------------------------
     async def status(self, worker: str, model: str | None = None) -> WorkerStatus:
@@ -104,10 +107,12 @@ class FastChatClient:
         return await self._call(worker, "/count_token", body, count_from_reply)
 
     async def generate(self, worker: str, params: GenerationParams) -> dict[str, Any]:
-        """The ``/worker_generate`` reply (FastChat's last chunk, or its error object). No
-        total timeout: a long generation is legitimate; the idle timeout bounds the wait."""
+        """The ``/worker_generate`` reply (FastChat's last chunk, or its error object). Nothing
+        arrives until the whole generation is done, so the bound is the generate timeout: a
+        long CPU generation outlasts any sensible idle timeout."""
         body = params.to_wire()
-        return await self._call(worker, "/worker_generate", body, _as_is, read=self._idle_timeout)
+        read = self._generate_timeout
+        return await self._call(worker, "/worker_generate", body, _as_is, read=read)
 
     async def embeddings(
         self, worker: str, request: fastchat.EmbeddingsRequest

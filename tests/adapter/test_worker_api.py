@@ -12,7 +12,7 @@ import pytest
 from adapter.reference_worker import ReferenceWorkerConfig
 from adapter.scripted_model import SERVER_ERROR_MSG
 from tests.adapter._worker_api import MODEL, calls, chat, serving, settings, vicuna_prompt
-from tests.support.fake_worker import FakeWorker, HttpError
+from tests.support.fake_worker import FakeWorker, Hang, HttpError
 
 StartFake = Callable[..., FakeWorker]
 EMBED = "/worker_get_embeddings"
@@ -65,6 +65,23 @@ async def test_generate_errors_are_model_outputs_with_http_200(fake_worker: Star
     assert fake.url in body["text"] and "HTTP 500" in body["text"]
     assert in_band.json() == error(f"{SERVER_ERROR_MSG}\n\n(boom)", 50001)  # forwarded
     assert unknown.json() == error(f"unknown model 'x'; served models: {MODEL}", 40301)
+
+
+async def test_generate_is_bounded_by_the_generate_timeout_not_the_idle_timeout(
+    fake_worker: StartFake,
+) -> None:
+    # /worker_generate sends nothing until the whole generation is done: a 0.2 s idle timeout
+    # must not cut a 0.6 s generation short, while the generate timeout still bounds a hang.
+    fake = fake_worker(ReferenceWorkerConfig(first_token_delay=0.6))
+    fake.fail_next(Hang(5.0, after_chunks=None), path="/worker_generate")
+    config = settings(fake.url, idle_timeout=0.2, generate_timeout=1.0)
+    async with serving(config) as adapter:
+        hung = await adapter.client.post("/api/worker/generate", json=chat(max_new_tokens=3))
+        slow = await adapter.client.post("/api/worker/generate", json=chat(max_new_tokens=3))
+    assert hung.status_code == 200 and hung.json()["error_code"] == 50006
+    assert fake.url in hung.json()["text"]
+    assert slow.status_code == 200 and slow.json()["error_code"] == 0
+    assert slow.json()["finish_reason"] == "length"
 
 
 async def test_generate_invalid_body_is_422_naming_the_field(fake_worker: StartFake) -> None:
