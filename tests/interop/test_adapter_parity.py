@@ -7,8 +7,9 @@ recording proxies (tests/interop/recording_proxy.py). The worker registers with 
 controller under proxy A's address, so openai_api_server reaches it through A; the adapter's
 `--worker-address` is proxy B. So every request body the worker gets is recorded, and we know
 which side sent it. The adapter registers `parity-vicuna@llm` with the shared DB-GPT cluster.
-The rig and the checks are plain functions (`parity_rig`, `check_*`): test_dbgpt_075.py runs a
-subset of them against a DB-GPT 0.7.5 cluster.
+The rig and the checks are plain functions (`parity_rig`, `parity_rigs`, `check_*`):
+test_dbgpt_075.py runs a subset of them against a DB-GPT 0.7.5 cluster, and
+test_template_parity.py against workers started with other conversation templates.
 
 Both sides get `temperature: 0`. DB-GPT's apiserver drops a 0 (PROTOCOLS.md §8.2), so the
 adapter sees none and applies its documented default, 0.0 (greedy); FastChat's server forwards
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +32,7 @@ import pytest
 from tests.interop.calls import Answer, post_openai
 from tests.interop.conftest import start_adapter
 from tests.interop.peers import Peers
-from tests.interop.procs import RunDir, free_port
+from tests.interop.procs import RunDir, free_port, start_parallel
 from tests.interop.recording_proxy import RecordingProxy
 from tests.interop.stacks import AdapterProc, DbgptCluster, FastChatStack, FastChatWorker
 
@@ -69,42 +71,71 @@ def parity_rig(
     *,
     name: str = "parity",
     model: str = MODEL,
+    conv_template: str | None = None,
 ) -> Iterator[Rig]:
-    """Start the worker (serving `model`), both proxies and an adapter registered with
-    `dbgpt_cluster`'s controller; stop them all on exit. `name` prefixes the process names."""
-    port = free_port()
-    target = f"http://127.0.0.1:{port}"
-    fastchat_proxy = RecordingProxy(target).start()
-    adapter_proxy = RecordingProxy(target).start()
-    worker = FastChatWorker(
-        interop_run,
-        f"{name}-worker",
-        python=peers.fastchat.python,
-        model_path=peers.models.tiny_llm,
-        model_name=model,
-        controller_url=fastchat_stack.controller_url,
-        port=port,
-        worker_address=fastchat_proxy.url,
+    """Start the worker (serving `model`, with `--conv-template conv_template` if given), both
+    proxies and an adapter registered with `dbgpt_cluster`'s controller; stop them all on exit.
+    `name` prefixes the process names."""
+    rigs = parity_rigs(
+        interop_run, peers, fastchat_stack, dbgpt_cluster, name=name, models={model: conv_template}
     )
+    with rigs as started:
+        yield started[model]
+
+
+@contextlib.contextmanager
+def parity_rigs(
+    interop_run: RunDir,
+    peers: Peers,
+    fastchat_stack: FastChatStack,
+    dbgpt_cluster: DbgptCluster,
+    *,
+    name: str,
+    models: dict[str, str | None],
+) -> Iterator[dict[str, Rig]]:
+    """Like `parity_rig`, for several dedicated workers at once: one per entry of `models`
+    (served name -> `--conv-template`, None for the model path's own), each behind its own two
+    proxies, started in parallel; one adapter serves them all. Yields the rigs by model name."""
+    parts: dict[str, tuple[FastChatWorker, RecordingProxy, RecordingProxy]] = {}
     adapter: AdapterProc | None = None
     try:
-        worker.start(same_port=True)
+        for model, conv_template in models.items():
+            port = free_port()
+            target = f"http://127.0.0.1:{port}"
+            fastchat_proxy = RecordingProxy(target).start()
+            adapter_proxy = RecordingProxy(target).start()
+            worker = FastChatWorker(
+                interop_run,
+                f"{name}-worker" if len(models) == 1 else f"{name}-worker-{model}",
+                python=peers.fastchat.python,
+                model_path=peers.models.tiny_llm,
+                model_name=model,
+                controller_url=fastchat_stack.controller_url,
+                port=port,
+                conv_template=conv_template,
+                worker_address=fastchat_proxy.url,
+            )
+            parts[model] = (worker, fastchat_proxy, adapter_proxy)
+        start_parallel([worker for worker, _, _ in parts.values()], same_port=True)
         adapter = start_adapter(
             interop_run,
             f"{name}-adapter",
-            workers=[adapter_proxy.url],
+            workers=[adapter_proxy.url for _, _, adapter_proxy in parts.values()],
             controllers=[dbgpt_cluster.controller_url],
         )
-        yield Rig(
-            fastchat_stack, dbgpt_cluster, worker, adapter, fastchat_proxy, adapter_proxy, model
-        )
+        yield {
+            model: Rig(fastchat_stack, dbgpt_cluster, worker, adapter, fc_proxy, ad_proxy, model)
+            for model, (worker, fc_proxy, ad_proxy) in parts.items()
+        }
     finally:
         if adapter is not None:
             adapter.stop()
-        worker.stop()
-        fastchat_proxy.stop()
-        adapter_proxy.stop()
-        # Drop the worker from FastChat's controller now (its proxy refuses connections).
+        with ThreadPoolExecutor(max_workers=max(1, len(parts))) as pool:
+            list(pool.map(lambda part: part[0].stop(), parts.values()))
+        for _, fastchat_proxy, adapter_proxy in parts.values():
+            fastchat_proxy.stop()
+            adapter_proxy.stop()
+        # Drop the workers from FastChat's controller now (their proxies refuse connections).
         with httpx.Client(timeout=10, trust_env=False) as client:
             client.post(fastchat_stack.controller_url + "/refresh_all_workers")
 
