@@ -94,8 +94,13 @@ def _invalid(exc: InvalidMessage) -> JSONResponse:
     return JSONResponse({"detail": [error]}, 422)
 
 
-def _failed(exc: NoWorker | UpstreamError) -> JSONResponse:
-    return _detail(404 if isinstance(exc, NoWorker) else 500, str(exc))
+def _failed(tracker: Tracker, exc: NoWorker | UpstreamError) -> JSONResponse:
+    """An unknown model is the caller's mistake (404, rejected); a worker failure is ours (500)."""
+    if isinstance(exc, NoWorker):
+        tracker.outcome = "rejected"
+        return _detail(404, str(exc))
+    tracker.outcome = "error"
+    return _detail(500, str(exc))
 
 
 async def _parse(
@@ -158,8 +163,7 @@ async def embeddings(request: Request) -> Response:
         try:
             vectors = await embed(runtime, parsed, tracker)
         except (NoWorker, UpstreamError) as exc:
-            tracker.outcome = "rejected" if isinstance(exc, NoWorker) else "error"
-            return _failed(exc)
+            return _failed(tracker, exc)
         return JSONResponse(vectors)
 
 
@@ -181,8 +185,7 @@ async def count_token(request: Request) -> Response:
             route = await pool.resolve_first(model, ("llm", "text2vec"), takes_slot=False)
             count = await runtime.client.count_token(route.worker, route.model, parsed.prompt)
         except (NoWorker, UpstreamError) as exc:
-            tracker.outcome = "rejected" if isinstance(exc, NoWorker) else "error"
-            return _failed(exc)
+            return _failed(tracker, exc)
         return JSONResponse(count)
 
 
@@ -197,8 +200,7 @@ async def model_metadata_route(request: Request) -> Response:
             route = await runtime.pool.resolve(parsed.model, "llm", takes_slot=False)
             info = await runtime.pool.model_info(route)
         except (NoWorker, UpstreamError) as exc:
-            tracker.outcome = "rejected" if isinstance(exc, NoWorker) else "error"
-            return _failed(exc)
+            return _failed(tracker, exc)
         metadata = model_metadata(parsed.model, info.context_length, info.conv)
         return JSONResponse(metadata.to_wire())
 

@@ -97,6 +97,19 @@ FASTCHAT = EnvSpec(
     ),
 )
 
+
+def _dbgpt_smoke(version: str) -> str:
+    """Imports the controller and apiserver need, and the exact DB-GPT version."""
+    return (
+        "import cloudpickle, shortuuid, requests, uvicorn, sqlparse, dbgpt_serve\n"
+        "import dbgpt.model.cluster.controller.controller\n"
+        "import dbgpt.model.cluster.apiserver.api\n"
+        "from dbgpt.model.cluster.client import DefaultLLMClient\n"
+        "from importlib.metadata import version\n"
+        f"assert version('dbgpt') == {version!r}, version('dbgpt')\n"
+    )
+
+
 DBGPT = EnvSpec(
     name="dbgpt",
     first=(),
@@ -108,14 +121,7 @@ DBGPT = EnvSpec(
         "requests",
     ),
     no_deps=(),
-    smoke=(
-        "import cloudpickle, shortuuid, requests, uvicorn, sqlparse, dbgpt_serve\n"
-        "import dbgpt.model.cluster.controller.controller\n"
-        "import dbgpt.model.cluster.apiserver.api\n"
-        "from dbgpt.model.cluster.client import DefaultLLMClient\n"
-        "from importlib.metadata import version\n"
-        "assert version('dbgpt') == '0.8.2', version('dbgpt')\n"
-    ),
+    smoke=_dbgpt_smoke("0.8.2"),
 )
 
 # A second DB-GPT leg (PEERS.md §2.7): dbgpt-serve has no 0.7.x on PyPI, 0.8.0 works with it.
@@ -135,14 +141,7 @@ DBGPT_075 = EnvSpec(
         "requests",
     ),
     no_deps=(),
-    smoke=(
-        "import cloudpickle, shortuuid, requests, uvicorn, sqlparse, dbgpt_serve\n"
-        "import dbgpt.model.cluster.controller.controller\n"
-        "import dbgpt.model.cluster.apiserver.api\n"
-        "from dbgpt.model.cluster.client import DefaultLLMClient\n"
-        "from importlib.metadata import version\n"
-        "assert version('dbgpt') == '0.7.5', version('dbgpt')\n"
-    ),
+    smoke=_dbgpt_smoke("0.7.5"),
 )
 
 ENVS = {spec.name: spec for spec in (FASTCHAT, DBGPT, DBGPT_075)}
