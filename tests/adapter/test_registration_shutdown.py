@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -197,30 +198,39 @@ async def test_no_controller_api_when_a_controller_is_given(tiny: FakeWorker) ->
 CLI = Path(sys.executable).with_name("fastchat-adapter")
 
 
+@contextmanager
+def _adapter_cli(
+    tmp_path: Path, port: int, worker: str, controller: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The real ``fastchat-adapter serve`` with fast heartbeats; output in adapter.log; killed
+    at exit if a test left it running."""
+    command = [
+        str(CLI), "serve", "--port", str(port), "--worker-address", worker,
+        "--controller-address", controller, "--heartbeat-interval", "0.2",
+        "--status-interval", "0.2", "--shutdown-grace", "10",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCHAT_ADAPTER_")}
+    with (tmp_path / "adapter.log").open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 def test_cli_sigterm_deregisters_while_a_stream_runs_then_exits_zero(tmp_path: Path) -> None:
     slow = ReferenceWorkerConfig(model_names=("tiny",), tokens_per_second=15)
     with FakeWorker(slow) as worker, FakeController() as fake:
         port = free_port()
-        log = (tmp_path / "adapter.log").open("wb")
-        command = [
-            str(CLI), "serve", "--port", str(port), "--worker-address", worker.url,
-            "--controller-address", fake.url, "--heartbeat-interval", "0.2",
-            "--status-interval", "0.2", "--shutdown-grace", "10",
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCHAT_ADAPTER_")}
         started = time.monotonic()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
+        with _adapter_cli(tmp_path, port, worker.url, fake.url) as proc:
             registered = _wait_sync(lambda: calls(fake, REGISTER, "tiny@llm"), 15)[0]
             print(f"\nCLI spawn -> registered: {1000 * (registered.at - started):.0f} ms")
             _wait_sync(lambda: calls(fake, HEARTBEAT, "tiny@llm"), 5)
             frames, ended = _stream_across_sigterm(port, proc)
             assert proc.wait(timeout=20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
         output = (tmp_path / "adapter.log").read_text(errors="replace")
         [delete] = calls(fake, DELETE)
         assert delete.raw_query == hard_delete_query("tiny@llm", port), output
@@ -282,16 +292,7 @@ def test_cli_second_sigterm_still_deregisters_before_exiting(tmp_path: Path) -> 
         FakeWorker(ReferenceWorkerConfig(model_names=("tiny",))) as worker,
         FakeController() as fake,
     ):
-        port = free_port()
-        log = (tmp_path / "adapter.log").open("wb")
-        command = [
-            str(CLI), "serve", "--port", str(port), "--worker-address", worker.url,
-            "--controller-address", fake.url, "--heartbeat-interval", "0.2",
-            "--status-interval", "0.2", "--shutdown-grace", "10",
-        ]  # fmt: skip
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCHAT_ADAPTER_")}
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
+        with _adapter_cli(tmp_path, free_port(), worker.url, fake.url) as proc:
             _wait_sync(lambda: calls(fake, REGISTER, "tiny@llm"), 15)
             fake.delays["/api/controller/heartbeat"] = 1.0
             _wait_sync(lambda: [True] if fake.in_flight else [], 5)  # a slow heartbeat is out
@@ -299,11 +300,6 @@ def test_cli_second_sigterm_still_deregisters_before_exiting(tmp_path: Path) -> 
             time.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
         output = (tmp_path / "adapter.log").read_text(errors="replace")
         assert calls(fake, DELETE), output
         _wait_sync(lambda: [True] if fake.listing() == [] else [], 5)
