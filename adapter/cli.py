@@ -77,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="Run the adapter (the main job).")
     add_settings_arguments(serve)
 
-    from adapter import reference_worker
+    from adapter.tools import reference_worker
 
     worker = commands.add_parser(
         "reference-worker", help="Run a FastChat-protocol worker with a scripted model."
     )
     reference_worker.add_reference_worker_arguments(worker)
 
-    from adapter import check
+    from adapter.tools import check
 
     conformance = commands.add_parser(
         "check", help="Conformance check of a FastChat worker or a DB-GPT worker endpoint."
@@ -109,11 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_server(settings)
     if ns.command == "check":
-        from adapter import check
+        from adapter.tools import check
 
         return check.run_check(ns)
     if ns.command == "reference-worker":
-        from adapter import reference_worker
+        from adapter.tools import reference_worker
 
         config = reference_worker.config_from_args(ns)
         reference_worker.serve(config, ns.host, ns.port)

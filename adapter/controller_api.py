@@ -2,7 +2,8 @@
 
 Mounted by ``adapter/app.py`` in standalone mode (no ``--controller-address``), so a DB-GPT
 apiserver can use the adapter's own address as its ``controller_addr``; the tests' fake
-controller serves the same router. Shapes, as measured on DB-GPT 0.8.2:
+controller serves the same router. The expiry checker lives beside the registry
+(``adapter.registry.run_expiry``). Shapes, as measured on DB-GPT 0.8.2:
 
 - every successful call answers the bare JSON ``true``, a DELETE of an unknown instance too;
 - register and heartbeat take a JSON ModelInstance (unknown keys dropped, a numeric-string
@@ -17,20 +18,14 @@ the null). No DB-GPT client sends one, and a stored null would break expiry and 
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter
 
 from adapter.registry import ModelRegistry
 from protocol.dbgpt import ModelInstance
 
-__all__ = ["controller_app", "controller_router", "run_expiry"]
-
-log = logging.getLogger("fastchat_adapter.controller")
+__all__ = ["controller_router"]
 
 
 def controller_router(registry: ModelRegistry) -> APIRouter:
@@ -66,37 +61,3 @@ def controller_router(registry: ModelRegistry) -> APIRouter:
         return [i.to_wire() for i in registry.instances(model_name, healthy_only=healthy_only)]
 
     return router
-
-
-async def run_expiry(registry: ModelRegistry, *, interval: float, timeout: float) -> None:
-    """The registry's checker: every ``interval`` seconds, mark unhealthy what has been silent
-    for more than ``timeout``. So an instance turns unhealthy between ``timeout`` and
-    ``timeout + interval`` after its last heartbeat, as on DB-GPT. Cancelled at shutdown."""
-    while True:
-        await asyncio.sleep(interval)
-        for key in registry.expire(timeout):
-            log.info("no heartbeat from %s for %g s: marked unhealthy", key, timeout)
-
-
-def controller_app(
-    registry: ModelRegistry, *, heartbeat_interval: float, heartbeat_timeout: float
-) -> FastAPI:
-    """A controller on its own (the API plus its expiry checker), like ``dbgpt start
-    controller``; used by the tests' fake controller."""
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        checker = asyncio.create_task(
-            run_expiry(registry, interval=heartbeat_interval, timeout=heartbeat_timeout),
-            name="registry-expiry",
-        )
-        try:
-            yield
-        finally:
-            checker.cancel()
-            with suppress(asyncio.CancelledError):
-                await checker
-
-    app = FastAPI(title="DB-GPT model controller (fastchat-adapter)", lifespan=lifespan)
-    app.include_router(controller_router(registry))
-    return app

@@ -17,22 +17,15 @@ from typing import Protocol
 
 import httpx
 
+from adapter.errors import ControllerError
 from adapter.registry import ModelRegistry
 from protocol.dbgpt import ModelInstance
 
-__all__ = ["ControllerError", "ControllerLink", "EmbeddedController", "HttpController"]
+__all__ = ["ControllerLink", "EmbeddedController", "HttpController"]
 
 # A controller call is a dict operation on the far side; anything slower means trouble, and a
 # slow call holds up that controller's queue (never the others', nor request serving).
 CALL_TIMEOUT = 5.0
-
-
-class ControllerError(Exception):
-    """A controller did not accept a call."""
-
-    def __init__(self, controller: str, detail: str) -> None:
-        super().__init__(f"DB-GPT controller {controller}: {detail}")
-        self.controller = controller
 
 
 class ControllerLink(Protocol):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Final
 
-from adapter.upstream import UpstreamError
+from adapter.errors import UpstreamError
 from protocol import dbgpt, fastchat
 from protocol.translate import embeddings_request
 

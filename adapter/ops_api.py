@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter.logs import AccessLogMiddleware
 from adapter.metrics import CONTENT_TYPE
+from protocol.fastchat import ErrorCode
 from protocol.framing import encode_frame
 from protocol.translate import error_output
 
@@ -37,9 +38,6 @@ if TYPE_CHECKING:
 
 WORKER_API_PREFIX: Final = "/api/worker/"
 STREAM_PATH: Final = "/api/worker/generate_stream"
-# FastChat/DB-GPT ErrorCode values for the in-band frame (PROTOCOLS.md §1.5).
-_INVALID_AUTH_KEY: Final = 40101
-_PARAM_OUT_OF_RANGE: Final = 40302
 
 router = APIRouter(tags=["operations"])
 
@@ -87,7 +85,7 @@ def rejection(
 ) -> Response:
     """A 401/413 answer: ``{"detail"}``, or one ModelOutput error frame on the stream route."""
     if path == STREAM_PATH:
-        code = _INVALID_AUTH_KEY if status == 401 else _PARAM_OUT_OF_RANGE
+        code = ErrorCode.INVALID_AUTH_KEY if status == 401 else ErrorCode.PARAM_OUT_OF_RANGE
         body = encode_frame(error_output(code, message).to_wire())
     else:
         body = json.dumps({"detail": message}).encode()

@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from adapter.errors import NoWorker, UpstreamError
 from adapter.metrics import Metrics
-from adapter.upstream import FastChatClient, UpstreamError
-from protocol.fastchat import ConvTemplate, ErrorCode
+from adapter.upstream import FastChatClient
+from protocol.fastchat import ConvTemplate
 
 log = logging.getLogger("fastchat_adapter.pool")
 
@@ -72,22 +73,6 @@ class PoolEvent:
 
 
 Listener = Callable[[PoolEvent], Awaitable[None]]
-
-
-class NoWorker(Exception):
-    """No live worker serves the model; the message names what is served.
-
-    ``error_code``: 50005 (CONTROLLER_NO_WORKER) when the model is one a worker served but
-    that worker is down now, 40301 (INVALID_MODEL) for a name no worker ever served."""
-
-    def __init__(self, model: str, served: Iterable[str], *, known: bool = False) -> None:
-        names = sorted(set(served))
-        listed = ", ".join(names) if names else "none"
-        why = "no live FastChat worker serves model" if known else "unknown model"
-        super().__init__(f"{why} {model!r}; served models: {listed}")
-        self.model = model
-        self.served = names
-        self.error_code = ErrorCode.CONTROLLER_NO_WORKER if known else ErrorCode.INVALID_MODEL
 
 
 @dataclass

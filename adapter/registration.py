@@ -48,12 +48,8 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential, wait_random_exponential
 
-from adapter.controller_client import (
-    ControllerError,
-    ControllerLink,
-    EmbeddedController,
-    HttpController,
-)
+from adapter.controller_client import ControllerLink, EmbeddedController, HttpController
+from adapter.errors import ControllerError
 from adapter.metrics import Metrics
 from adapter.pool import PoolEvent, WorkerPool
 from adapter.registry import ModelRegistry

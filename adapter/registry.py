@@ -22,6 +22,8 @@ microseconds (DB-GPT's ``isoformat()`` drops them when they happen to be zero).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +31,9 @@ from datetime import datetime
 
 from protocol.dbgpt import ModelInstance
 
-__all__ = ["ModelRegistry"]
+__all__ = ["ModelRegistry", "run_expiry"]
+
+log = logging.getLogger("fastchat_adapter.controller")
 
 
 @dataclass
@@ -130,3 +134,13 @@ class ModelRegistry:
 
     def _find(self, name: str, host: str, port: int) -> _Entry | None:
         return self._by_name.get(name, {}).get((host, port))
+
+
+async def run_expiry(registry: ModelRegistry, *, interval: float, timeout: float) -> None:
+    """The registry's checker: every ``interval`` seconds, mark unhealthy what has been silent
+    for more than ``timeout``. So an instance turns unhealthy between ``timeout`` and
+    ``timeout + interval`` after its last heartbeat, as on DB-GPT. Cancelled at shutdown."""
+    while True:
+        await asyncio.sleep(interval)
+        for key in registry.expire(timeout):
+            log.info("no heartbeat from %s for %g s: marked unhealthy", key, timeout)

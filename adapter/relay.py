@@ -35,10 +35,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from adapter.pool import NoWorker, Route
+from adapter.errors import NoWorker, RequestFailed, UpstreamError
+from adapter.pool import Route
 from adapter.streaming import Emit
 from adapter.tracking import Outcome, Tracker
-from adapter.upstream import UpstreamError
 from protocol.dbgpt import ModelOutput, PromptRequest
 from protocol.errors import ContextOverflow, InvalidRequest, ProtocolError
 from protocol.fastchat import ErrorCode
@@ -55,7 +55,7 @@ from protocol.translate import (
 if TYPE_CHECKING:
     from adapter.runtime import Runtime
 
-__all__ = ["Failure", "Prepared", "Relay", "frame"]
+__all__ = ["Prepared", "Relay", "frame"]
 
 log = logging.getLogger("fastchat_adapter.relay")
 
@@ -65,15 +65,6 @@ DRAIN_TIMEOUT: Final = 2.0
 
 def frame(output: ModelOutput) -> bytes:
     return encode_frame(output.to_wire())
-
-
-class Failure(Exception):
-    """The request is answered with ``output`` (an error) instead of a generation."""
-
-    def __init__(self, output: ModelOutput, outcome: Outcome) -> None:
-        super().__init__(output.text)
-        self.output = output
-        self.outcome = outcome
 
 
 @dataclass(frozen=True)
@@ -92,12 +83,12 @@ class Relay:
 
     # --- preparation (both routes) ------------------------------------------------------
     async def prepare(self) -> Prepared:
-        """Everything before the generate call; raises ``Failure``."""
+        """Everything before the generate call; raises ``RequestFailed``."""
         runtime, request = self.runtime, self.request
         try:
             route = await runtime.pool.resolve(request.model, "llm")
         except NoWorker as exc:
-            raise Failure(error_output(exc.error_code, str(exc)), "rejected") from exc
+            raise RequestFailed(error_output(exc.error_code, str(exc)), "rejected") from exc
         except UpstreamError as exc:  # the FastChat controller we dispatch through
             raise await self._upstream_failure(exc) from exc
         settings = runtime.settings
@@ -118,7 +109,7 @@ class Relay:
         except UpstreamError as exc:
             raise await self._upstream_failure(exc) from exc
         except (InvalidRequest, ContextOverflow) as exc:
-            raise Failure(error_output(exc.error_code, str(exc)), "rejected") from exc
+            raise RequestFailed(error_output(exc.error_code, str(exc)), "rejected") from exc
         except ProtocolError as exc:  # the worker's template cannot be rendered
             detail = f"its conversation template cannot be used: {exc}"
             raise await self._upstream_failure(
@@ -126,13 +117,13 @@ class Relay:
             ) from exc
         return Prepared(route, plan)
 
-    async def _upstream_failure(self, exc: UpstreamError) -> Failure:
-        """Count, log and report a worker failure; the ``Failure`` that answers it."""
+    async def _upstream_failure(self, exc: UpstreamError) -> RequestFailed:
+        """Count, log and report a worker failure; the ``RequestFailed`` that answers it."""
         metrics = self.runtime.metrics
         metrics.upstream_errors.labels(exc.worker, self.tracker.model, exc.reason).inc()
         log.warning("%s", exc)
         await self.runtime.pool.report_failure(exc.worker, exc)
-        return Failure(error_output(exc.error_code, str(exc)), "error")
+        return RequestFailed(error_output(exc.error_code, str(exc)), "error")
 
     def _in_band_error(self, route: Route) -> None:
         metrics = self.runtime.metrics
@@ -151,7 +142,7 @@ class Relay:
     async def _stream(self, emit: Emit) -> Outcome:
         try:
             prepared = await self.prepare()
-        except Failure as failure:
+        except RequestFailed as failure:
             await emit(frame(failure.output))
             return failure.outcome
         route, plan = prepared.route, prepared.plan
@@ -202,7 +193,7 @@ class Relay:
                 output = _translate_reply(reply, plan, route)
             except UpstreamError as exc:
                 raise await self._upstream_failure(exc) from exc
-        except Failure as failure:
+        except RequestFailed as failure:
             return failure.output, failure.outcome
         except Exception as exc:  # a bug of ours: still answer with a ModelOutput
             log.exception("generate failed inside the adapter")

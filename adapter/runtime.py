@@ -16,11 +16,10 @@ from typing import Any
 
 import httpx
 
-from adapter.controller_api import run_expiry
 from adapter.metrics import Metrics
 from adapter.pool import WorkerPool
 from adapter.registration import Registrar
-from adapter.registry import ModelRegistry
+from adapter.registry import ModelRegistry, run_expiry
 from adapter.settings import Settings
 from adapter.upstream import DEFAULT_READ_TIMEOUT, FastChatClient, make_http_client
 

@@ -171,10 +171,6 @@ class Settings(BaseSettings):
         return self.host
 
     @property
-    def own_url(self) -> str:
-        return f"http://{self.advertised_host}:{self.port}"
-
-    @property
     def effective_controllers(self) -> list[str]:
         """Controllers to register with; standalone means our own embedded controller."""
         return self.controller_address or [f"http://127.0.0.1:{self.port}"]

@@ -2,16 +2,9 @@
 
 Every call goes through one pooled ``httpx.AsyncClient`` created by the process, and every reply
 is parsed with ``protocol.fastchat``'s wire models. Failures are turned into ``UpstreamError``
-with a ``reason`` that names what went wrong, so callers can map them to in-band error frames
-and metrics without inspecting httpx exceptions::
-
-    UpstreamError
-     ├── reason "unreachable"    connect failed / refused (error code 50005, no worker)
-     ├── reason "idle_timeout"   no frame within the idle timeout (50006)
-     ├── reason "http_status"    non-200 answer (50001)
-     ├── reason "broken_stream"  body ended early or the connection reset (50001)
-     ├── reason "malformed"      undecodable body or frame (50001)
-     └── reason "in_band"        the worker's own error object (its error_code, else 50001)
+with a ``reason`` that names what went wrong (the reasons and their error codes are drawn in
+``adapter/errors.py``), so callers can map them to in-band error frames and metrics without
+inspecting httpx exceptions.
 """
 
 from __future__ import annotations
@@ -22,39 +15,14 @@ from typing import Any, Final, TypeVar, cast
 
 import httpx
 
+from adapter.errors import UpstreamError
 from protocol import fastchat
 from protocol.errors import ProtocolError, WorkerError
 from protocol.fastchat import ConvTemplate, GenerationParams, WorkerStatus
 from protocol.framing import FrameDecoder
 from protocol.translate import count_from_reply, embeddings_from_reply
 
-CONTROLLER_NO_WORKER: Final = 50005
-CONTROLLER_WORKER_TIMEOUT: Final = 50006
-INTERNAL_ERROR: Final = 50001
-
-_CODE_BY_REASON: Final = {
-    "unreachable": CONTROLLER_NO_WORKER,
-    "idle_timeout": CONTROLLER_WORKER_TIMEOUT,
-}
-
 _T = TypeVar("_T")
-
-
-class UpstreamError(Exception):
-    """A FastChat worker or controller could not give a usable answer."""
-
-    def __init__(self, worker: str, reason: str, detail: str, *, code: int | None = None) -> None:
-        super().__init__(f"FastChat worker {worker}: {reason}: {detail}")
-        self.worker = worker
-        self.reason = reason
-        self.detail = detail
-        self._code = code
-
-    @property
-    def error_code(self) -> int:
-        if self._code:
-            return self._code
-        return _CODE_BY_REASON.get(self.reason, INTERNAL_ERROR)
 
 
 DEFAULT_READ_TIMEOUT: Final = 30.0

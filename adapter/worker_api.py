@@ -19,24 +19,27 @@ empty answer); **404** for a model no live worker serves; **400** for ``count_to
 a model when several are served; **500** when a FastChat worker fails; **501** for what
 FastChat cannot do (rerank, starting or stopping models). DB-GPT's clients raise on these with
 our ``detail`` in the message (§6.3).
+
+Every route is declared with ``@_worker_route``, the one place that reads and parses the body,
+makes the request's ``Tracker`` and maps errors to answers: ``InvalidRequest`` -> 422,
+``NoWorker`` -> 404, ``Refused`` -> its status, ``UpstreamError`` -> 500. Handlers only raise.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from adapter.embeddings import embed
-from adapter.pool import NoWorker, WorkerKind
+from adapter.errors import NoWorker, Refused, UpstreamError
+from adapter.pool import WorkerKind
 from adapter.relay import Relay, frame
 from adapter.streaming import FrameStreamResponse
 from adapter.tracking import Tracker
-from adapter.upstream import UpstreamError
 from protocol.dbgpt import (
     CountTokenRequest,
     EmbeddingsRequest,
@@ -56,7 +59,11 @@ if TYPE_CHECKING:
 __all__ = ["router"]
 
 _Wire = TypeVar("_Wire")
+Handler = Callable[["Runtime", _Wire, Tracker], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
 _KINDS: tuple[WorkerKind, ...] = ("llm", "text2vec")
+STREAM_ROUTE = "generate_stream"
 
 router = APIRouter(prefix="/api/worker", tags=["DB-GPT worker API"])
 
@@ -67,9 +74,65 @@ NO_LIFECYCLE = (
 NO_RERANK = "rerank is not supported: FastChat workers have no rerank API"
 
 
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
+# --- the one place that parses, tracks and maps errors ------------------------------------
+
+
+def _worker_route(
+    route: str, parse: Callable[[Any], _Wire] | None, *, lenient: bool = False
+) -> Callable[[Handler[_Wire]], Endpoint]:
+    """Wrap ``handler(runtime, parsed, tracker)`` into an endpoint. ``parse`` is the body's
+    ``from_wire`` (``None`` for a route without a body); ``lenient`` routes are answered
+    whatever the body, with ``None`` for one that does not parse. The tracker is closed here
+    when the response is made, except for a ``FrameStreamResponse``, which closes it when the
+    stream ends (the handler hands it ``tracker.done``)."""
+
+    def decorate(handler: Handler[_Wire]) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            runtime: Runtime = request.app.state.runtime
+            body: Any = None
+            parsed: Any = None
+            error: InvalidRequest | None = None
+            try:
+                if parse is not None:
+                    body = await _body(request)
+                    parsed = parse(body)
+            except InvalidRequest as exc:
+                error = None if lenient else exc
+            tracker = Tracker(runtime, route, _model_of(body))
+            try:
+                if error is not None:
+                    raise error
+                response = await handler(runtime, parsed, tracker)
+            except (InvalidRequest, NoWorker, Refused, UpstreamError) as exc:
+                response = _error_response(route, tracker, exc)
+            except BaseException:
+                tracker.done("error")
+                raise
+            if not isinstance(response, FrameStreamResponse):
+                tracker.done(tracker.outcome)
+            return response
+
+        endpoint.__name__ = handler.__name__
+        endpoint.__doc__ = handler.__doc__
+        return endpoint
+
+    return decorate
+
+
+def _error_response(route: str, tracker: Tracker, exc: Exception) -> Response:
+    """A refusal is the caller's mistake (counted ``rejected``); a worker failure is ours."""
+    tracker.outcome = "rejected"
+    if isinstance(exc, InvalidRequest):
+        if route == STREAM_ROUTE:  # DB-GPT's stream reader ignores the status: say it in-band
+            rejection = frame(error_output(exc.error_code, f"invalid request: {exc}"))
+            return Response(rejection, 422, media_type="application/json")
+        return _invalid(exc)
+    if isinstance(exc, NoWorker):
+        return _detail(404, str(exc))
+    if isinstance(exc, Refused):
+        return _detail(exc.status, str(exc))
+    tracker.outcome = "error"
+    return _detail(500, str(exc))
 
 
 async def _body(request: Request) -> Any:
@@ -94,40 +157,16 @@ def _invalid(exc: InvalidMessage) -> JSONResponse:
     return JSONResponse({"detail": [error]}, 422)
 
 
-def _failed(tracker: Tracker, exc: NoWorker | UpstreamError) -> JSONResponse:
-    """An unknown model is the caller's mistake (404, rejected); a worker failure is ours (500)."""
-    if isinstance(exc, NoWorker):
-        tracker.outcome = "rejected"
-        return _detail(404, str(exc))
-    tracker.outcome = "error"
-    return _detail(500, str(exc))
-
-
-async def _parse(
-    request: Request, route: str, parse: Callable[[Any], _Wire]
-) -> _Wire | InvalidRequest:
-    """The body through ``parse`` (a ``from_wire``), or the error naming the bad field,
-    counted as a rejected request."""
-    body: Any = None
-    try:
-        body = await _body(request)
-        return parse(body)
-    except InvalidRequest as exc:
-        Tracker(_runtime(request), route, _model_of(body)).done("rejected")
-        return exc
+def _as_is(body: Any) -> Any:
+    return body
 
 
 # --- generation -------------------------------------------------------------------------
 
 
 @router.post("/generate_stream")
-async def generate_stream(request: Request) -> Response:
-    runtime = _runtime(request)
-    prompt = await _parse(request, "generate_stream", PromptRequest.from_wire)
-    if isinstance(prompt, InvalidRequest):
-        rejection = frame(error_output(prompt.error_code, f"invalid request: {prompt}"))
-        return Response(rejection, 422, media_type="application/json")
-    tracker = Tracker(runtime, "generate_stream", prompt.model)
+@_worker_route(STREAM_ROUTE, PromptRequest.from_wire)
+async def generate_stream(runtime: Runtime, prompt: PromptRequest, tracker: Tracker) -> Response:
     relay = Relay(runtime, prompt, tracker)
     return FrameStreamResponse(
         relay.stream,
@@ -137,129 +176,87 @@ async def generate_stream(request: Request) -> Response:
 
 
 @router.post("/generate")
-async def generate(request: Request) -> Response:
-    runtime = _runtime(request)
-    prompt = await _parse(request, "generate", PromptRequest.from_wire)
-    if isinstance(prompt, InvalidRequest):
-        return _invalid(prompt)
-    with Tracker(runtime, "generate", prompt.model) as tracker:
-        output, tracker.outcome = await Relay(runtime, prompt, tracker).generate()
-        return JSONResponse(output.to_wire())
+@_worker_route("generate", PromptRequest.from_wire)
+async def generate(runtime: Runtime, prompt: PromptRequest, tracker: Tracker) -> Response:
+    output, tracker.outcome = await Relay(runtime, prompt, tracker).generate()
+    return JSONResponse(output.to_wire())
 
 
 # --- embeddings, count_token, model_metadata ----------------------------------------------
 
 
 @router.post("/embeddings")
-async def embeddings(request: Request) -> Response:
-    runtime = _runtime(request)
-    parsed = await _parse(request, "embeddings", EmbeddingsRequest.from_wire)
-    if isinstance(parsed, InvalidRequest):
-        return _invalid(parsed)
-    with Tracker(runtime, "embeddings", parsed.model) as tracker:
-        if parsed.is_rerank:
-            tracker.outcome = "rejected"
-            return _detail(501, NO_RERANK)
-        try:
-            vectors = await embed(runtime, parsed, tracker)
-        except (NoWorker, UpstreamError) as exc:
-            return _failed(tracker, exc)
-        return JSONResponse(vectors)
+@_worker_route("embeddings", EmbeddingsRequest.from_wire)
+async def embeddings(runtime: Runtime, request: EmbeddingsRequest, tracker: Tracker) -> Response:
+    if request.is_rerank:
+        raise Refused(501, NO_RERANK)
+    return JSONResponse(await embed(runtime, request, tracker))
 
 
 @router.post("/count_token")
-async def count_token(request: Request) -> Response:
-    runtime = _runtime(request)
-    parsed = await _parse(request, "count_token", CountTokenRequest.from_wire)
-    if isinstance(parsed, InvalidRequest):
-        return _invalid(parsed)
+@_worker_route("count_token", CountTokenRequest.from_wire)
+async def count_token(runtime: Runtime, request: CountTokenRequest, tracker: Tracker) -> Response:
     pool = runtime.pool
-    with Tracker(runtime, "count_token", parsed.model) as tracker:
-        served = pool.all_names("llm")
-        if parsed.model is None and len(served) != 1:
-            tracker.outcome = "rejected"
-            listed = ", ".join(served) or "none"
-            return _detail(400, f"no model given and {len(served)} are served ({listed})")
-        model = parsed.model or served[0]
-        try:
-            route = await pool.resolve_first(model, ("llm", "text2vec"), takes_slot=False)
-            count = await runtime.client.count_token(route.worker, route.model, parsed.prompt)
-        except (NoWorker, UpstreamError) as exc:
-            return _failed(tracker, exc)
-        return JSONResponse(count)
+    served = pool.all_names("llm")
+    if request.model is None and len(served) != 1:
+        listed = ", ".join(served) or "none"
+        raise Refused(400, f"no model given and {len(served)} are served ({listed})")
+    model = request.model or served[0]
+    route = await pool.resolve_first(model, ("llm", "text2vec"), takes_slot=False)
+    count = await runtime.client.count_token(route.worker, route.model, request.prompt)
+    return JSONResponse(count)
 
 
 @router.post("/model_metadata")
-async def model_metadata_route(request: Request) -> Response:
-    runtime = _runtime(request)
-    parsed = await _parse(request, "model_metadata", ModelMetadataRequest.from_wire)
-    if isinstance(parsed, InvalidRequest):
-        return _invalid(parsed)
-    with Tracker(runtime, "model_metadata", parsed.model) as tracker:
-        try:
-            route = await runtime.pool.resolve(parsed.model, "llm", takes_slot=False)
-            info = await runtime.pool.model_info(route)
-        except (NoWorker, UpstreamError) as exc:
-            return _failed(tracker, exc)
-        metadata = model_metadata(parsed.model, info.context_length, info.conv)
-        return JSONResponse(metadata.to_wire())
+@_worker_route("model_metadata", ModelMetadataRequest.from_wire)
+async def model_metadata_route(
+    runtime: Runtime, request: ModelMetadataRequest, tracker: Tracker
+) -> Response:
+    route = await runtime.pool.resolve(request.model, "llm", takes_slot=False)
+    info = await runtime.pool.model_info(route)
+    metadata = model_metadata(request.model, info.context_length, info.conv)
+    return JSONResponse(metadata.to_wire())
 
 
 # --- worker manager routes: what FastChat cannot do -------------------------------------
 
 
 @router.get("/models/supports")
-async def models_supports(request: Request) -> Response:
-    runtime = _runtime(request)
-    with Tracker(runtime, "models_supports"):
-        pool, settings = runtime.pool, runtime.settings
-        models = [
-            SupportedModel(model=name, worker_type=kind)
-            for kind in _KINDS
-            for name in pool.all_names(kind)
-        ]
-        entry = WorkerSupportedModel(
-            host=settings.advertised_host, port=settings.port, models=models
-        )
-        return JSONResponse([entry.to_wire()])
+@_worker_route("models_supports", None)
+async def models_supports(runtime: Runtime, _: None, tracker: Tracker) -> Response:
+    pool, settings = runtime.pool, runtime.settings
+    models = [
+        SupportedModel(model=name, worker_type=kind)
+        for kind in _KINDS
+        for name in pool.all_names(kind)
+    ]
+    entry = WorkerSupportedModel(host=settings.advertised_host, port=settings.port, models=models)
+    return JSONResponse([entry.to_wire()])
 
 
 @router.post("/apply")
-async def apply(request: Request) -> Response:
-    runtime = _runtime(request)
-    body: Any = None
-    try:
-        body = await _body(request)
-        asked = WorkerApplyRequest.from_wire(body)
-        what = f"{asked.apply_type} of {asked.model}@{asked.worker_type}"
-    except InvalidRequest:
-        what = "this request"  # answered all the same: the CLI parses only the reply
-    with Tracker(runtime, "apply", _model_of(body)) as tracker:
-        tracker.outcome = "rejected"
-        message = f"{what} is not supported: {NO_LIFECYCLE}"
-        return JSONResponse(WorkerApplyOutput(message=message, success=False).to_wire())
+@_worker_route("apply", WorkerApplyRequest.from_wire, lenient=True)
+async def apply(runtime: Runtime, asked: WorkerApplyRequest | None, tracker: Tracker) -> Response:
+    # Answered whatever the body: the CLI parses only the reply.
+    what = f"{asked.apply_type} of {asked.model}@{asked.worker_type}" if asked else "this request"
+    tracker.outcome = "rejected"
+    message = f"{what} is not supported: {NO_LIFECYCLE}"
+    return JSONResponse(WorkerApplyOutput(message=message, success=False).to_wire())
 
 
 @router.get("/parameter/descriptions")
-async def parameter_descriptions(request: Request) -> Response:
-    with Tracker(_runtime(request), "parameter_descriptions"):
-        return JSONResponse([])
+@_worker_route("parameter_descriptions", None)
+async def parameter_descriptions(runtime: Runtime, _: None, tracker: Tracker) -> Response:
+    return JSONResponse([])
 
 
 @router.post("/models/startup")
-async def models_startup(request: Request) -> Response:
-    return await _lifecycle(request, "models_startup", "starting a model")
+@_worker_route("models_startup", _as_is, lenient=True)
+async def models_startup(runtime: Runtime, _: Any, tracker: Tracker) -> Response:
+    raise Refused(501, f"starting a model is not supported: {NO_LIFECYCLE}")
 
 
 @router.post("/models/shutdown")
-async def models_shutdown(request: Request) -> Response:
-    return await _lifecycle(request, "models_shutdown", "stopping a model")
-
-
-async def _lifecycle(request: Request, route: str, what: str) -> Response:
-    body: Any = None
-    with contextlib.suppress(InvalidRequest):  # answered all the same
-        body = await _body(request)
-    with Tracker(_runtime(request), route, _model_of(body)) as tracker:
-        tracker.outcome = "rejected"
-        return _detail(501, f"{what} is not supported: {NO_LIFECYCLE}")
+@_worker_route("models_shutdown", _as_is, lenient=True)
+async def models_shutdown(runtime: Runtime, _: Any, tracker: Tracker) -> Response:
+    raise Refused(501, f"stopping a model is not supported: {NO_LIFECYCLE}")

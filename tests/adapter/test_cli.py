@@ -13,8 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter.app import create_app as create_adapter
 from adapter.cli import main
-from adapter.reference_worker import ReferenceWorkerConfig, create_app
 from adapter.settings import Settings
+from adapter.tools.reference_worker import ReferenceWorkerConfig, create_app
 from tests.support.servers import LoopbackServer
 
 Corruption = Callable[[bytes], bytes]

@@ -193,7 +193,7 @@ def test_adapter_command_is_valid_for_the_adapter_cli(compose: dict[str, Any]) -
     assert settings.worker_address == ["http://fastchat-model-worker:21002"]
     assert settings.embedding_worker_address == ["http://fastchat-embedding-worker:21003"]
     assert settings.controller_address == ["http://dbgpt-controller:8000"]
-    assert settings.own_url == "http://adapter:8100"
+    assert f"http://{settings.advertised_host}:{settings.port}" == "http://adapter:8100"
     healthcheck = " ".join(compose["services"]["adapter"]["healthcheck"]["test"])
     assert f":{settings.port}/readyz" in healthcheck
 

@@ -23,11 +23,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapter.app import create_app
 from adapter.logs import setup_logging
 from adapter.metrics import CONTENT_TYPE
-from adapter.reference_worker import ReferenceWorkerConfig
-from adapter.reference_worker import create_app as reference_app
 from adapter.registry import ModelRegistry
 from adapter.runtime import VERSION, Runtime
 from adapter.settings import Settings
+from adapter.tools.reference_worker import ReferenceWorkerConfig
+from adapter.tools.reference_worker import create_app as reference_app
 from tests.support.servers import LoopbackServer
 
 PROBES = ("/livez", "/readyz", "/metrics")
@@ -115,7 +115,7 @@ async def test_readyz_waits_for_registration_with_the_dbgpt_controller(
     worker: LoopbackServer,
 ) -> None:
     registry = ModelRegistry()
-    from adapter.controller_api import controller_app
+    from tests.support.fake_controller import controller_app
 
     controller = LoopbackServer(
         controller_app(registry, heartbeat_interval=5, heartbeat_timeout=15)

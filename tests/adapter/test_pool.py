@@ -9,9 +9,10 @@ import httpx
 import pytest
 import respx
 
+from adapter.errors import NoWorker, UpstreamError
 from adapter.metrics import Metrics
-from adapter.pool import NoWorker, PoolEvent, WorkerPool
-from adapter.upstream import FastChatClient, UpstreamError, make_http_client
+from adapter.pool import PoolEvent, WorkerPool
+from adapter.upstream import FastChatClient, make_http_client
 from protocol.fastchat import ErrorCode
 
 W = "http://worker-a"

@@ -15,14 +15,14 @@ from typing import Any
 import httpx
 import pytest
 
-from adapter.reference_worker import (
+from adapter.tools.reference_worker import (
     ReferenceWorkerConfig,
     add_reference_worker_arguments,
     config_from_args,
     create_app,
     vicuna_v1_1_template,
 )
-from adapter.scripted_model import EOS, SERVER_ERROR_MSG, ScriptedModel
+from adapter.tools.scripted_model import EOS, SERVER_ERROR_MSG, ScriptedModel
 from tests.support.servers import LoopbackServer
 from tests.support.worker_client import (
     connect,

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from adapter.reference_worker import ReferenceWorkerConfig
 from adapter.registration import SERVICE_KEY
+from adapter.tools.reference_worker import ReferenceWorkerConfig
 from tests.adapter._registration import (
     DELETE,
     HEARTBEAT,

@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from adapter.app import create_app
-from adapter.reference_worker import ReferenceWorkerConfig
 from adapter.registration import SERVICE_KEY
 from adapter.runtime import Runtime
+from adapter.tools.reference_worker import ReferenceWorkerConfig
 from tests.adapter._registration import (
     DELETE,
     HEARTBEAT,

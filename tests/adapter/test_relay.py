@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from adapter.reference_worker import ReferenceWorkerConfig
-from adapter.scripted_model import SERVER_ERROR_MSG
+from adapter.tools.reference_worker import ReferenceWorkerConfig
+from adapter.tools.scripted_model import SERVER_ERROR_MSG
 from tests.adapter._worker_api import (
     MODEL,
     STREAM,

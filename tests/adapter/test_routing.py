@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from adapter.reference_worker import ReferenceWorkerConfig
+from adapter.tools.reference_worker import ReferenceWorkerConfig
 from tests.adapter._worker_api import (
     STREAM,
     UPSTREAM_STREAM,

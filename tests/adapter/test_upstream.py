@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from adapter.upstream import FastChatClient, UpstreamError
+from adapter.errors import UpstreamError
+from adapter.upstream import FastChatClient
 from protocol.fastchat import GenerationParams
 
 WORKER = "http://worker"

@@ -19,19 +19,46 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapter.controller_api import controller_app
-from adapter.registry import ModelRegistry
+from adapter.controller_api import controller_router
+from adapter.registry import ModelRegistry, run_expiry
 from tests.support.servers import LoopbackServer
 
-__all__ = ["Call", "FakeController"]
+__all__ = ["Call", "FakeController", "controller_app"]
+
+
+def controller_app(
+    registry: ModelRegistry, *, heartbeat_interval: float, heartbeat_timeout: float
+) -> FastAPI:
+    """A controller on its own (the API plus its expiry checker), like ``dbgpt start
+    controller``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        checker = asyncio.create_task(
+            run_expiry(registry, interval=heartbeat_interval, timeout=heartbeat_timeout),
+            name="registry-expiry",
+        )
+        try:
+            yield
+        finally:
+            checker.cancel()
+            with suppress(asyncio.CancelledError):
+                await checker
+
+    app = FastAPI(title="DB-GPT model controller (fastchat-adapter)", lifespan=lifespan)
+    app.include_router(controller_router(registry))
+    return app
 
 
 @dataclass(frozen=True)

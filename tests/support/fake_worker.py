@@ -1,8 +1,8 @@
 """A fake FastChat worker for contract tests: the reference worker, plus records and faults.
 
 The model, the NUL framing, the cumulative text, the semaphore and ``queue_length`` are the
-reference worker's own (``adapter.reference_worker``); this module only wraps its ASGI app. The
-wrapper sees every request and every response message, so it can
+reference worker's own (``adapter.tools.reference_worker``); this module only wraps its ASGI
+app. The wrapper sees every request and every response message, so it can
 
 - record each request (path and JSON body) for assertions: ``requests``, ``bodies(path)``;
 - notice a client leaving mid-response: ``disconnects``, ``disconnected``,
@@ -44,8 +44,8 @@ from typing import Any, Literal
 
 from starlette.types import Message, Receive, Scope, Send
 
-from adapter.reference_worker import ReferenceWorkerConfig, create_app
-from adapter.scripted_model import ScriptedModel, encode_frame, error_chunk
+from adapter.tools.reference_worker import ReferenceWorkerConfig, create_app
+from adapter.tools.scripted_model import ScriptedModel, encode_frame, error_chunk
 from tests.support.servers import LoopbackServer
 
 __all__ = [

@@ -10,8 +10,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from adapter.reference_worker import ReferenceWorkerConfig
-from adapter.scripted_model import SERVER_ERROR_MSG
+from adapter.tools.reference_worker import ReferenceWorkerConfig
+from adapter.tools.scripted_model import SERVER_ERROR_MSG
 from tests.support.fake_worker import (
     Abort,
     CloseMidStream,

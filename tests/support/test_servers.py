@@ -9,7 +9,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from adapter.reference_worker import ReferenceWorkerConfig, create_app
+from adapter.tools.reference_worker import ReferenceWorkerConfig, create_app
 from tests.support.servers import LoopbackServer
 from tests.support.worker_client import connect, queue_length, wait_for_queue_length
 

@@ -4,7 +4,7 @@ On the wire it behaves like FastChat 0.2.36's ``model_worker`` (PROTOCOLS.md §1
 routes, NUL-framed JSON with ``json.dumps`` defaults and no Content-Type, cumulative text, the
 chunk cadence and the extra final chunk, ``completion_tokens`` one short, a semaphore of
 ``limit_worker_concurrency`` slots whose holders and waiters make up ``queue_length``. The model
-is ``adapter.scripted_model.ScriptedModel``, so every reply can be predicted by a test.
+is ``adapter.tools.scripted_model.ScriptedModel``, so every reply can be predicted by a test.
 
 Where FastChat would wedge itself, this worker does not (the differences, all deliberate):
 
@@ -42,7 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from adapter.scripted_model import (
+from adapter.tools.scripted_model import (
     DEFAULT_SCRIPT,
     BrokenRequest,
     GenerationParams,
