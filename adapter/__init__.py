@@ -1,1 +1,3 @@
-"""The I/O shell: settings, CLI, HTTP app, upstream client, registration lifecycle."""
+"""fastchat-adapter: DB-GPT's worker API and registration, served from FastChat workers."""
+
+__version__ = "0.1.0"

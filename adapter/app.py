@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from adapter import ops_api, worker_api
+from adapter import __version__, ops_api, worker_api
 from adapter.controller_api import controller_router
-from adapter.runtime import VERSION, Runtime
+from adapter.runtime import Runtime
 from adapter.settings import Settings
 
 
@@ -28,7 +28,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="fastchat-adapter", version=VERSION, lifespan=lifespan)
+    app = FastAPI(title="fastchat-adapter", version=__version__, lifespan=lifespan)
     app.state.runtime = runtime
     app.include_router(worker_api.router)  # /api/worker/*: DB-GPT's worker API
     ops_api.mount(app, settings)  # probes, metrics, body limit, API key, access log

@@ -1,8 +1,17 @@
 """Everything one adapter process holds, created once and torn down once.
 
-Routes reach it as ``request.app.state.runtime``. Background tasks (status polling, heartbeats)
-start in ``start()`` and stop in ``stop()``; the ordered SIGTERM sequence (not ready, stop
-heartbeats, deregister, drain, exit) lives in ``adapter/server.py``.
+Routes reach it as ``request.app.state.runtime``. The whole lifecycle, in the order it runs
+(``adapter/server.py`` says who calls each step, and why the SIGTERM half cannot live in the
+lifespan):
+
+- ``create``: settings -> metrics, the one HTTP pool, the FastChat client, the worker pool, the
+  standalone registry (no ``--controller-address``) and the registrar; nothing runs yet.
+- ``start`` (lifespan startup, before the socket accepts): poll the workers once, start the
+  status poll, the standalone registry's expiry, then registration and heartbeats.
+- ``begin_shutdown`` (SIGTERM, while streams still run): not ready, stop heartbeats,
+  deregister everywhere.
+- ``stop`` (lifespan shutdown, after uvicorn drained the streams): cancel the background tasks,
+  close the HTTP pool.
 """
 
 from __future__ import annotations
@@ -10,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
+from adapter import __version__
 from adapter.metrics import Metrics
 from adapter.pool import WorkerPool
 from adapter.registration import Registrar
@@ -25,36 +35,19 @@ from adapter.upstream import DEFAULT_READ_TIMEOUT, FastChatClient, make_http_cli
 
 log = logging.getLogger("fastchat_adapter")
 
-VERSION = "0.1.0"
-
 
 @dataclass
 class InFlight:
-    """Counts open downstream requests so shutdown can wait for them to drain."""
+    """Downstream requests open right now (the ``requests_in_flight`` gauge, summed), kept by
+    ``Tracker``; uvicorn's graceful shutdown is what waits for them to drain."""
 
     count: int = 0
-    _idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self._idle.set()
 
     def enter(self) -> None:
         self.count += 1
-        self._idle.clear()
 
     def leave(self) -> None:
-        self.count -= 1
-        if self.count <= 0:
-            self.count = 0
-            self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """True if every request finished within ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+        self.count = max(0, self.count - 1)
 
 
 @dataclass
@@ -65,19 +58,17 @@ class Runtime:
     client: FastChatClient
     pool: WorkerPool
     # Keeps every DB-GPT controller's view of us true (adapter/registration.py).
-    registrar: Registrar | None = None
+    registrar: Registrar
     # Standalone only (no --controller-address): the controller registry we serve ourselves.
     registry: ModelRegistry | None = None
     inflight: InFlight = field(default_factory=InFlight)
     shutting_down: bool = False
-    # Run in order by begin_shutdown(), before uvicorn stops accepting and drains streams.
-    shutdown_steps: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     def create(cls, settings: Settings) -> Runtime:
         metrics = Metrics()
-        metrics.build_info.labels(VERSION).set(1)
+        metrics.build_info.labels(__version__).set(1)
         # Every call to a worker is bounded by the idle timeout when it is the shorter: a
         # wedged worker hangs count_token or the template fetch as surely as a generation.
         read_timeout = min(DEFAULT_READ_TIMEOUT, settings.idle_timeout)
@@ -96,15 +87,13 @@ class Runtime:
         registry = ModelRegistry() if settings.standalone else None
         registrar = Registrar.create(settings, pool, http, metrics, registry)
         pool.add_listener(registrar.on_pool_event)  # worker down/up/model list -> controllers
-        runtime = cls(settings, metrics, http, client, pool, registrar, registry)
-        runtime.shutdown_steps.append(registrar.shutdown)  # stop heartbeats, deregister
-        return runtime
+        return cls(settings, metrics, http, client, pool, registrar, registry)
 
     @property
     def ready(self) -> bool:
         """Ready: not shutting down, at least one upstream worker answers, and what it serves
         is registered (``Registrar.registered_everywhere``; immediate when standalone)."""
-        registered = self.registrar is None or self.registrar.registered_everywhere
+        registered = self.registrar.registered_everywhere
         return not self.shutting_down and self.pool.any_alive() and registered
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -113,9 +102,12 @@ class Runtime:
         return task
 
     async def start(self) -> None:
-        # One poll before serving, so the first requests already know the workers.
+        """Lifespan startup, in order; uvicorn accepts connections only after it returns."""
+        # 1. One poll before serving, so the first requests already know the workers.
         await self.pool.refresh()
+        # 2. Keep polling: routing, readiness and registration all follow these answers.
         self.spawn(self.pool.run(self.settings.status_interval), "status-poll")
+        # 3. Standalone, we are the controller: silent instances turn unhealthy, as on DB-GPT.
         if self.registry is not None:
             expiry = run_expiry(
                 self.registry,
@@ -123,25 +115,31 @@ class Runtime:
                 timeout=self.settings.standalone_heartbeat_timeout,
             )
             self.spawn(expiry, "registry-expiry")
-        if self.registrar is not None:
-            self.registrar.start(self.spawn)  # registers at once, then heartbeats
+        # 4. Register what the live workers serve on every controller, then heartbeat.
+        self.registrar.start(self.spawn)
 
     async def begin_shutdown(self) -> None:
-        """First half of SIGTERM: not ready, then each step (stop heartbeats, deregister)."""
+        """SIGTERM's first half, while streams still run (``AdapterServer`` calls it)."""
+        # 1. Not ready: /readyz answers 503 from here on.
         self.shutting_down = True
-        for step in self.shutdown_steps:
-            try:
-                await step()
-            except Exception:  # a failed step must not keep the process from exiting
-                log.exception("shutdown step %s failed", getattr(step, "__name__", step))
+        # 2. Stop heartbeats, then hard-delete every instance on every controller, so DB-GPT
+        #    stops routing here before the streams end. A failure must not block the exit.
+        try:
+            await self.registrar.shutdown()
+        except Exception:
+            log.exception("deregistration failed")
 
     async def stop(self) -> None:
-        if not self.shutting_down:  # lifespan ended without our SIGTERM path: still deregister
+        """Lifespan shutdown: uvicorn runs it after the streams drained or the grace ran out."""
+        # 1. A lifespan that ended without our SIGTERM path still deregisters.
+        if not self.shutting_down:
             await self.begin_shutdown()
+        # 2. Cancel the background tasks (status poll, expiry, heartbeats) and wait for them.
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        # 3. Close the HTTP pool last: nothing uses it any more.
         await self.http.aclose()

@@ -8,6 +8,11 @@ On SIGTERM/SIGINT, in this order:
 3. exit 0. A second signal forces exit without draining the streams; only the deregistration
    already under way (bounded by its short per-call timeouts) is let finish first.
 Uvicorn runs lifespan shutdown only after streams drain, so step 1 cannot live there.
+
+``AdapterServer`` relies on three uvicorn internals, pinned by ``tests/adapter/test_server.py``
+(which fails if they change): ``Server.handle_exit(sig, frame)`` is the handler uvicorn installs
+for SIGINT/SIGTERM; its main loop polls ``should_exit``; its shutdown skips the drain when
+``force_exit`` is set.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A ``Tracker`` is made when a request arrives and ``done`` once when its response has ended
 (for a stream: after the last byte, or when the client left). Between the two the request
-counts in ``requests_in_flight`` and in ``Runtime.inflight``, which SIGTERM waits on, so a
-stream is never cut by shutdown before the grace period ends.
+counts in ``requests_in_flight`` and in ``Runtime.inflight``. Trackers are made in one place,
+``adapter/worker_api.py``'s route decorator.
 
 Outcomes (the ``outcome`` label of ``requests``):
 

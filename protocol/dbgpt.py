@@ -36,7 +36,6 @@ __all__ = [
     "Usage",
     "WorkerApplyOutput",
     "WorkerApplyRequest",
-    "WorkerStartupRequest",
     "WorkerSupportedModel",
     "WorkerType",
     "parse_worker_key",
@@ -221,18 +220,6 @@ class WorkerApplyRequest(_Request):
     worker_type: str = WorkerType.LLM.value
     params: dict[str, Any] = Field(default_factory=dict)
     apply_user: str | None = None
-
-
-class WorkerStartupRequest(_Request):
-    host: str
-    port: int
-    model: str
-    worker_type: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    delete_after: bool = False  # 0.7+ from here on
-    worker_name: str | None = None
-    sys_code: str | None = None
-    user_name: str | None = None
 
 
 # --- worker API: replies (§6.2, §6.4, §7.3) -----------------------------------------------

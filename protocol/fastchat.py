@@ -30,11 +30,8 @@ __all__ = [
     "ErrorCode",
     "GenerationParams",
     "GetWorkerAddress",
-    "HeartBeat",
-    "HeartBeatReply",
     "ListModelsReply",
     "ModelDetailsReply",
-    "RegisterWorker",
     "WorkerAddressReply",
     "WorkerStatus",
 ]
@@ -210,22 +207,6 @@ class ModelDetailsReply(WireModel):
 
 
 # --- controller API (§2, §1.10) -----------------------------------------------------------
-
-
-class RegisterWorker(_Request):
-    worker_name: str  # the worker's own URL
-    check_heart_beat: bool  # missing gives a 500 on the controller
-    worker_status: WorkerStatus | None = None  # absent: the controller polls the worker
-    multimodal: bool = False
-
-
-class HeartBeat(_Request):
-    worker_name: str
-    queue_length: StrictInt
-
-
-class HeartBeatReply(WireModel):
-    exist: bool  # false: the controller forgot the worker, register again
 
 
 class ListModelsReply(WireModel):

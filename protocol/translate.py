@@ -335,10 +335,7 @@ def embeddings_request(
     request: dbgpt.EmbeddingsRequest, *, model: str
 ) -> fastchat.EmbeddingsRequest:
     """FastChat body for a DB-GPT embeddings call; ``encoding_format`` is left out (floats).
-    FastChat has no reranker, so a rerank request (``query`` or ``worker_type: reranker``) is
-    refused."""
-    if request.is_rerank:
-        raise InvalidRequest("FastChat workers cannot rerank", field="query")
+    A rerank request never gets here: FastChat has no reranker, and the route refuses it."""
     return fastchat.EmbeddingsRequest(model=model, input=list(request.input))
 
 

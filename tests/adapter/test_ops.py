@@ -20,11 +20,12 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from adapter import __version__ as VERSION
 from adapter.app import create_app
 from adapter.logs import setup_logging
 from adapter.metrics import CONTENT_TYPE
 from adapter.registry import ModelRegistry
-from adapter.runtime import VERSION, Runtime
+from adapter.runtime import Runtime
 from adapter.settings import Settings
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from adapter.tools.reference_worker import create_app as reference_app

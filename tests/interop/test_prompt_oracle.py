@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from protocol import render_prompt
+from protocol.conversation import render_prompt
 from tests.interop.peers import DRIVERS, Peers
 from tests.interop.procs import run_json
 

@@ -20,7 +20,6 @@ from protocol.dbgpt import (
     Usage,
     WorkerApplyOutput,
     WorkerApplyRequest,
-    WorkerStartupRequest,
     WorkerSupportedModel,
     WorkerType,
     parse_worker_key,
@@ -285,23 +284,6 @@ def test_worker_apply_request_8_8() -> None:
     }
     request = WorkerApplyRequest.from_wire(body)
     assert request.model_dump() == body
-
-
-def test_worker_startup_request_8_8() -> None:
-    body = {
-        "host": "127.0.0.1",
-        "port": 25010,
-        "model": "stub",
-        "worker_type": "llm",
-        "params": {},
-        "delete_after": False,
-        "worker_name": None,
-        "sys_code": None,
-        "user_name": None,
-    }
-    assert WorkerStartupRequest.from_wire(body).model_dump() == body
-    legacy = {key: body[key] for key in ("host", "port", "model", "worker_type", "params")}
-    assert WorkerStartupRequest.from_wire(legacy).model_dump() == body  # 0.6: no 0.7 keys
 
 
 # --- replies ------------------------------------------------------------------------------

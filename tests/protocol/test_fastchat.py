@@ -21,11 +21,8 @@ from protocol.fastchat import (
     ErrorCode,
     GenerationParams,
     GetWorkerAddress,
-    HeartBeat,
-    HeartBeatReply,
     ListModelsReply,
     ModelDetailsReply,
-    RegisterWorker,
     WorkerAddressReply,
     WorkerStatus,
 )
@@ -264,26 +261,11 @@ def test_count_token_and_model_details() -> None:
 # --- controller (§1.10, §2) ---------------------------------------------------------------
 
 
-def test_register_worker_body() -> None:
-    body = {
-        "worker_name": "http://127.0.0.1:21002",
-        "check_heart_beat": True,
-        "worker_status": {"model_names": ["tiny-vicuna"], "speed": 1, "queue_length": 0},
-        "multimodal": False,
-    }
-    assert RegisterWorker.from_wire(body).to_wire() == body
-    minimal = RegisterWorker(worker_name="http://w", check_heart_beat=False).to_wire()
-    assert minimal == {"worker_name": "http://w", "check_heart_beat": False, "multimodal": False}
-
-
-def test_heartbeat_and_controller_replies() -> None:
-    beat = {"worker_name": "http://127.0.0.1:21002", "queue_length": 2}
-    assert HeartBeat.from_wire(beat).to_wire() == beat
-    assert HeartBeatReply.from_wire({"exist": False}).exist is False
+def test_controller_replies() -> None:
     assert ListModelsReply.from_wire({"models": ["b", "a"]}).models == ["b", "a"]
     assert GetWorkerAddress(model="a").to_wire() == {"model": "a"}
     assert WorkerAddressReply.from_wire({"address": ""}).address == ""
-    with pytest.raises(InvalidReply, match="exist"):
-        HeartBeatReply.from_wire({})
+    with pytest.raises(InvalidReply, match="models"):
+        ListModelsReply.from_wire({})
     with pytest.raises(InvalidReply, match="valid dictionary"):
-        HeartBeatReply.from_wire(None)
+        ListModelsReply.from_wire(None)

@@ -1,4 +1,4 @@
-"""protocol/translate.py with real templates (shared/golden) and the captured payloads."""
+"""protocol/translate.py with real templates (tests/protocol/golden/) and the captured payloads."""
 
 from __future__ import annotations
 
@@ -434,12 +434,6 @@ def test_embeddings_request_and_reply() -> None:
     assert embeddings_request(request, model="up").to_wire() == {"model": "up", "input": ["a", "b"]}
     reply = {"embedding": [[0.5, -0.25], [1.0, 0.0]], "token_num": 5}
     assert embeddings_from_reply(reply, expected=2) == [[0.5, -0.25], [1.0, 0.0]]
-
-
-def test_rerank_is_refused() -> None:
-    request = EmbeddingsRequest.from_wire({"model": "m", "input": ["d"], "query": "q"})
-    with pytest.raises(InvalidRequest, match="query"):
-        embeddings_request(request, model="m")
 
 
 def test_base64_embeddings_are_decoded() -> None:
