@@ -13,6 +13,7 @@ Every failure (refused, timed out, non-2xx) is one ``ControllerError``; the regi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
@@ -43,16 +44,12 @@ class ControllerLink(Protocol):
     ) -> None: ...
 
 
+@dataclass(frozen=True)
 class HttpController:
-    """A DB-GPT controller at ``url`` (no trailing slash)."""
+    """A DB-GPT controller at ``name``, its URL (no trailing slash)."""
 
-    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
-        self._url = url
-        self._http = http
-
-    @property
-    def name(self) -> str:
-        return self._url
+    name: str
+    http: httpx.AsyncClient
 
     async def register(self, instance: ModelInstance) -> None:
         await self._send("POST", "/api/controller/models", json=instance.to_wire())
@@ -82,36 +79,32 @@ class HttpController:
         timeout: float = CALL_TIMEOUT,
     ) -> None:
         try:
-            response = await self._http.request(
-                method, self._url + path, json=json, params=params, timeout=timeout
+            response = await self.http.request(
+                method, self.name + path, json=json, params=params, timeout=timeout
             )
         except httpx.HTTPError as exc:
-            raise ControllerError(self._url, f"{method} {path}: {exc!r}") from exc
+            raise ControllerError(self.name, f"{method} {path}: {exc!r}") from exc
         if not response.is_success:
             body = response.text[:300]
-            raise ControllerError(self._url, f"{method} {path}: HTTP {response.status_code} {body}")
+            raise ControllerError(self.name, f"{method} {path}: HTTP {response.status_code} {body}")
 
 
+@dataclass(frozen=True)
 class EmbeddedController:
     """The adapter's own registry (standalone mode): immediate, and it cannot fail."""
 
-    def __init__(self, name: str, registry: ModelRegistry) -> None:
-        self._name = name
-        self._registry = registry
-
-    @property
-    def name(self) -> str:
-        return self._name
+    name: str
+    registry: ModelRegistry
 
     async def register(self, instance: ModelInstance) -> None:
-        self._registry.register(instance)
+        self.registry.register(instance)
 
     async def heartbeat(self, instance: ModelInstance) -> None:
-        self._registry.heartbeat(instance)
+        self.registry.heartbeat(instance)
 
     async def deregister(
         self, instance: ModelInstance, *, remove: bool, timeout: float = CALL_TIMEOUT
     ) -> None:
-        self._registry.deregister(
+        self.registry.deregister(
             instance.model_name, instance.host, instance.port, remove_from_registry=remove
         )

@@ -27,80 +27,76 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.upstream_queue_length = Gauge(
-            PREFIX + "upstream_queue_length",
+
+        def gauge(name: str, doc: str, labels: list[str]) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str, labels: list[str]) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, labels: list[str]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r)
+
+        self.upstream_queue_length = gauge(
+            "upstream_queue_length",
             "Requests running or waiting in the FastChat worker (its /worker_get_status).",
             ["worker", "model"],
-            registry=r,
         )
-        self.upstream_speed = Gauge(
-            PREFIX + "upstream_speed",
+        self.upstream_speed = gauge(
+            "upstream_speed",
             "Relative speed the FastChat worker reports (its /worker_get_status).",
             ["worker", "model"],
-            registry=r,
         )
-        self.upstream_up = Gauge(
-            PREFIX + "upstream_up",
+        self.upstream_up = gauge(
+            "upstream_up",
             "1 when the FastChat worker answered its last status poll, else 0.",
             ["worker"],
-            registry=r,
         )
-        self.requests_in_flight = Gauge(
-            PREFIX + "requests_in_flight",
+        self.requests_in_flight = gauge(
+            "requests_in_flight",
             "DB-GPT worker API requests being served.",
             ["route", "model"],
-            registry=r,
         )
-        self.requests = Counter(
-            PREFIX + "requests",
+        self.requests = counter(
+            "requests",
             "DB-GPT worker API requests by route and outcome (ok, error, client_gone, rejected).",
             ["route", "model", "outcome"],
-            registry=r,
         )
-        self.time_to_first_frame = Histogram(
-            PREFIX + "time_to_first_frame_seconds",
+        self.time_to_first_frame = histogram(
+            "time_to_first_frame_seconds",
             "From request arrival to the first non-empty frame relayed downstream.",
             ["model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.request_duration = Histogram(
-            PREFIX + "request_duration_seconds",
+        self.request_duration = histogram(
+            "request_duration_seconds",
             "From request arrival to the last byte of the response.",
             ["route", "model"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.frames_relayed = Counter(
-            PREFIX + "frames_relayed",
+        self.frames_relayed = counter(
+            "frames_relayed",
             "Stream frames relayed from FastChat to DB-GPT (keep-alive frames excluded).",
             ["model"],
-            registry=r,
         )
-        self.upstream_errors = Counter(
-            PREFIX + "upstream_errors",
+        self.upstream_errors = counter(
+            "upstream_errors",
             "Failures talking to FastChat workers, by reason "
             "(unreachable, http_status, broken_stream, malformed, idle_timeout, in_band).",
             ["worker", "model", "reason"],
-            registry=r,
         )
-        self.heartbeats = Counter(
-            PREFIX + "heartbeats",
+        self.heartbeats = counter(
+            "heartbeats",
             "Heartbeats sent to DB-GPT controllers, by result (ok, error, skipped_dead).",
             ["controller", "result"],
-            registry=r,
         )
-        self.registered_models = Gauge(
-            PREFIX + "registered_models",
+        self.registered_models = gauge(
+            "registered_models",
             "Model instances currently registered (healthy) with each DB-GPT controller.",
             ["controller"],
-            registry=r,
         )
-        self.build_info = Gauge(
-            PREFIX + "build_info",
+        self.build_info = gauge(
+            "build_info",
             "Always 1; the labels carry the adapter version.",
             ["version"],
-            registry=r,
         )
 
     def render(self) -> bytes:

@@ -1,30 +1,30 @@
-"""Test data for prompt rendering: the golden files in shared/golden/ and hand-built templates."""
+"""Test data for prompt rendering: the golden files in tests/protocol/golden/, and templates.
+
+The golden files are gzip-compressed JSON Lines, read from the repository (no outside folder, no
+environment variable). Each line is a conversation and the prompt FastChat's own
+`Conversation.get_prompt()` rendered for it. tests/protocol/golden/README.md says which FastChat
+rendered each file and how; scripts/render_golden.py regenerates the fschat 0.2.36 one.
+"""
 
 from __future__ import annotations
 
 import functools
+import gzip
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+
 GOLDEN_FILES = {
-    "0.2.36": "fastchat-v0.2.36-prompts.jsonl",
-    "main": "fastchat-main-prompts.jsonl",
+    "0.2.36": "fastchat-v0.2.36-prompts.jsonl.gz",
+    "main": "fastchat-main-prompts.jsonl.gz",
 }
 
 
-def shared_dir() -> Path:
-    """The team's `shared` folder: $FASTCHAT_ADAPTER_SHARED, else the one beside the repo root."""
-    override = os.environ.get("FASTCHAT_ADAPTER_SHARED")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / ".." / "shared"
-
-
 def golden_path(version: str) -> Path:
-    return shared_dir() / "golden" / GOLDEN_FILES[version]
+    return GOLDEN_DIR / GOLDEN_FILES[version]
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,11 @@ def golden_cases(version: str) -> dict[str, list[GoldenCase]]:
     """The golden cases of one FastChat version, grouped by template in file order."""
     path = golden_path(version)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"golden file {path} is missing; set FASTCHAT_ADAPTER_SHARED to the shared folder"
-        )
+        raise FileNotFoundError(f"golden file {path} is missing from the repository")
     grouped: dict[str, list[GoldenCase]] = {}
     # Split on "\n" only: the files escape the other Unicode line breaks, and universal-newline
     # reading would also rewrite any raw "\r".
-    lines = path.read_bytes().decode("utf-8").split("\n")
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
     for lineno, line in enumerate(lines, start=1):
         if not line:
             continue
