@@ -1,4 +1,4 @@
-"""DB-GPT's model-controller HTTP API over ``adapter.registry`` (PROTOCOLS.md §5.2).
+"""DB-GPT's model-controller HTTP API over ``adapter.registry`` (docs/protocol.md §5.2).
 
 Mounted by ``adapter/app.py`` in standalone mode (no ``--controller-address``), so a DB-GPT
 apiserver can use the adapter's own address as its ``controller_addr``; the tests' fake

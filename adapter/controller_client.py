@@ -2,7 +2,7 @@
 
 ``HttpController`` talks to a real controller (``--controller-address``) over the process's one
 pooled HTTP client, sending exactly what DB-GPT's own ``ModelRegistryClient`` sends
-(PROTOCOLS.md §5.5). ``EmbeddedController`` writes into the adapter's own registry in
+(docs/protocol.md §5.5). ``EmbeddedController`` writes into the adapter's own registry in
 standalone mode: in-process rather than over loopback HTTP because the adapter's lifespan
 startup (where registration begins) runs before uvicorn has bound its socket, and because the
 bind host need not be reachable as 127.0.0.1. Both present the same interface, so the

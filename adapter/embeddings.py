@@ -2,7 +2,7 @@
 
 - **One input per upstream call by default** (``embedding_batch_size`` 1): FastChat's BERT
   path runs the forward pass without an attention mask, so a padded batch gives different
-  vectors for its shorter inputs than the same inputs sent alone (PROTOCOLS.md §1.7). A larger
+  vectors for its shorter inputs than the same inputs sent alone (docs/protocol.md §1.7). A larger
   ``embedding_batch_size`` trades that exactness for fewer calls.
 - **Concurrently, bounded.** The calls of one request run at most ``CONCURRENCY`` at a time
   (each one holds a worker slot while it runs; FastChat's model_worker has 5). Each call is

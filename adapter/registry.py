@@ -1,4 +1,4 @@
-"""DB-GPT's in-memory model registry, rebuilt from its measured behaviour (PROTOCOLS.md §5.3).
+"""DB-GPT's in-memory model registry, rebuilt from its measured behaviour (docs/protocol.md §5.3).
 
 This is the state behind the standalone controller API (``adapter/controller_api.py``) and the
 fake controller of the tests. It does no I/O and never awaits, so on one event loop every call

@@ -1,4 +1,4 @@
-"""One generation request, from a parsed ``PromptRequest`` to DB-GPT frames (PROTOCOLS.md §9).
+"""One generation request, from a parsed ``PromptRequest`` to DB-GPT frames (docs/protocol.md §9).
 
 The pipeline, shared by ``/generate_stream`` and ``/generate``::
 

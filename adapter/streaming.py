@@ -7,7 +7,7 @@ for each frame, and owns the three things Starlette's ``StreamingResponse`` does
   the next upstream frame (the server writes each message at once, chunk-encoded).
 - **Keep-alive.** Whenever nothing has been sent for ``keepalive_interval`` seconds (a slow
   first token, a queued request), an empty frame (a bare NUL) goes out. DB-GPT's reader skips
-  empty pieces (PROTOCOLS.md §8.4); proxies and load balancers see a live connection.
+  empty pieces (docs/protocol.md §8.4); proxies and load balancers see a live connection.
 - **Disconnects.** A task waits for ``http.disconnect`` from the start. The moment it comes,
   the producer is cancelled wherever it is (preparing, waiting for the first token, or between
   frames) and its ``async with`` blocks unwind, closing the upstream connection, which is how

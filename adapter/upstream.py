@@ -46,7 +46,7 @@ def make_http_client(
 
 
 class FastChatClient:
-    """Typed calls to the FastChat worker API (PROTOCOLS.md §1) and controller API (§2)."""
+    """Typed calls to the FastChat worker API (docs/protocol.md §1) and controller API (§2)."""
 
     def __init__(
         self, http: httpx.AsyncClient, *, idle_timeout: float, generate_timeout: float = 600.0

@@ -1,4 +1,4 @@
-"""DB-GPT's worker API (``/api/worker/*``, PROTOCOLS.md §6 and §9), served from FastChat workers.
+"""DB-GPT's worker API (``/api/worker/*``, docs/protocol.md §6, §9) from FastChat workers.
 
 | route | answer |
 |---|---|

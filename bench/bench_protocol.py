@@ -1,6 +1,6 @@
 """Cost of the protocol layer on a streamed generation (a script, not a test).
 
-Prints, for a 1,000-chunk FastChat stream shaped like PROTOCOLS.md §1.3 (cumulative text that
+Prints, for a 1,000-chunk FastChat stream shaped like docs/protocol.md §1.3 (cumulative text that
 grows by a couple of tokens per chunk, usage on every chunk, one final finish-only chunk):
 
 - decode + translate + encode cost per chunk, in µs, and each step alone;

@@ -10,6 +10,9 @@ returns values, in the spirit of h11. Where a request enters and leaves:
 - ``translate``: DB-GPT request → FastChat request, FastChat reply → DB-GPT reply.
 - ``errors``: the one exception hierarchy.
 
+A bare section sign in a comment (``§9.2``) points into ``docs/protocol.md``, the protocol
+reference this package implements; ``docs/decisions.md`` explains where we chose.
+
 Import from the modules (``from protocol.framing import FrameDecoder``): this package re-exports
 nothing, because both sides have an ``EmbeddingsRequest`` and a ``CountTokenRequest``.
 """

@@ -1,9 +1,10 @@
-"""FastChat's ``Conversation.get_prompt()``, re-implemented from PROTOCOLS.md §4.
+"""FastChat's ``Conversation.get_prompt()``, re-implemented from docs/protocol.md §4.
 
 A FastChat worker serves its conversation template as JSON (``/worker_get_conv_template``), and the
 prompt it expects is whatever FastChat's own ``get_prompt()`` would build from that template. This
 module rebuilds that string, character for character, for every separator style of fschat 0.2.36
-and of FastChat main. It is checked against prompts rendered by FastChat itself (shared/golden/).
+and of FastChat main. It is checked against prompts rendered by FastChat itself
+(tests/protocol/golden/).
 
 The style travels as an *int* whose meaning depends on the worker's FastChat version (§4.1), so
 decoding it needs a numbering: "0.2.36" or "main".

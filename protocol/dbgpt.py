@@ -1,4 +1,4 @@
-"""DB-GPT wire messages: the model controller (PROTOCOLS.md §5) and the worker API (§6, §7).
+"""DB-GPT wire messages: the model controller (docs/protocol.md §5) and the worker API (§6, §7).
 
 Two rules shape this module:
 

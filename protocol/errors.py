@@ -16,7 +16,7 @@
 Every class is a ``ValueError``: each one means "these bytes or values are wrong", never "the
 network failed" (transport errors live in the adapter, not here). The adapter turns any of
 them into one in-band DB-GPT error frame with ``error_output(exc.error_code, str(exc))``,
-because a DB-GPT stream reader never looks at the HTTP status (PROTOCOLS.md §6.3).
+because a DB-GPT stream reader never looks at the HTTP status (docs/protocol.md §6.3).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class InvalidMessage(ProtocolError):
 class InvalidRequest(InvalidMessage):
     """A DB-GPT request we refuse rather than forward: a missing prompt, a non-int or
     non-positive ``max_new_tokens`` and similar values crash a FastChat worker mid-stream and
-    leak its concurrency slot for good (PROTOCOLS.md §1.2, §1.5)."""
+    leak its concurrency slot for good (docs/protocol.md §1.2, §1.5)."""
 
     error_code = _VALIDATION_TYPE_ERROR
 

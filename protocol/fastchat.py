@@ -1,4 +1,4 @@
-"""FastChat wire messages: the model-worker API (PROTOCOLS.md §1) and the controller API (§2).
+"""FastChat wire messages: the model-worker API (docs/protocol.md §1) and the controller API (§2).
 
 Requests we send serialise with ``to_wire()``, which **omits every null**: FastChat passes most
 parameters through ``float()``/``int()``, and an explicit ``null`` there crashes the worker

@@ -1,4 +1,4 @@
-"""NUL-delimited JSON, the stream framing of both FastChat and DB-GPT (PROTOCOLS.md §1.3, §6.3).
+"""NUL-delimited JSON, the stream framing of both FastChat and DB-GPT (docs/protocol.md §1.3, §6.3).
 
 A stream is a sequence of JSON objects, each followed by one ``0x00`` byte. Empty frames
 (``\\0\\0``) are skipped by every reader, so a bare NUL serves as a keep-alive.

@@ -1,4 +1,4 @@
-"""DB-GPT ⇄ FastChat translation, as pure functions (PROTOCOLS.md §9).
+"""DB-GPT ⇄ FastChat translation, as pure functions (docs/protocol.md §9).
 
 Request direction, in the order the adapter calls it::
 

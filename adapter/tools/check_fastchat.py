@@ -101,7 +101,7 @@ def check_fastchat(
     run.step("conv template", checks.template)
     run.step("model details", checks.details)
     run.step("count_token", checks.count_token)
-    if not embeddings_only:  # generating on an embedding worker leaks a slot (PEERS §3.7)
+    if not embeddings_only:  # generating on an embedding worker leaks a slot (docs/peers.md §3.7)
         run.step("generate_stream", checks.stream)
         run.step("generate", checks.generate)
     if embeddings is not None:

@@ -1,6 +1,6 @@
 """A FastChat-protocol worker around a scripted model, for demos, self-tests and benchmarks.
 
-On the wire it behaves like FastChat 0.2.36's ``model_worker`` (PROTOCOLS.md §1): POST-only
+On the wire it behaves like FastChat 0.2.36's ``model_worker`` (docs/protocol.md §1): POST-only
 routes, NUL-framed JSON with ``json.dumps`` defaults and no Content-Type, cumulative text, the
 chunk cadence and the extra final chunk, ``completion_tokens`` one short, a semaphore of
 ``limit_worker_concurrency`` slots whose holders and waiters make up ``queue_length``. The model
@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 
 def vicuna_v1_1_template() -> dict[str, Any]:
-    """The template JSON a 0.2.36 worker serves for a Vicuna model (PROTOCOLS.md §1.9)."""
+    """The template JSON a 0.2.36 worker serves for a Vicuna model (docs/protocol.md §1.9)."""
     return {
         "name": "vicuna_v1.1",
         "system_template": "{system_message}",

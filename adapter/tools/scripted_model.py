@@ -4,7 +4,7 @@ Everything here is a pure function of its arguments, so a test predicts a reply 
 same code the worker runs: ``ScriptedModel().reply(prompt, 4)`` is what the worker streams.
 
 The generation loop reproduces the observable behaviour of FastChat 0.2.36's HF ``generate_stream``
-(PROTOCOLS.md §1.2 and §1.4), written from that description: chunk cadence, cumulative ``text``,
+(docs/protocol.md §1.2 and §1.4), written from that description: chunk cadence, cumulative ``text``,
 ``completion_tokens`` one short of the tokens generated, stop strings cut at the match, chunks
 withheld while the text ends with a proper prefix of a stop string, echo of the re-decoded
 prompt, left truncation to ``context_length - max_new_tokens - 1`` tokens, top-1 logprobs.
