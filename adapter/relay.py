@@ -105,6 +105,7 @@ class Relay:
                 context_length=info.context_length,
                 prompt_tokens=tokens,
                 default_temperature=settings.default_temperature,
+                reasoning=settings.reasoning,
             )
         except UpstreamError as exc:
             raise await self._upstream_failure(exc) from exc
@@ -146,7 +147,7 @@ class Relay:
             await emit(frame(failure.output))
             return failure.outcome
         route, plan = prepared.route, prepared.plan
-        translator = StreamTranslator(echo_prompt=plan.echo_prompt)
+        translator = StreamTranslator(echo_prompt=plan.echo_prompt, reasoning=plan.reasoning)
         outcome: Outcome = "ok"
         try:
             async with self.runtime.client.generate_stream(route.worker, plan.params) as chunks:
@@ -223,7 +224,7 @@ def _translate(
 
 def _translate_reply(reply: dict[str, Any], plan: GenerationPlan, route: Route) -> ModelOutput:
     try:
-        return translate_reply(reply, echo_prompt=plan.echo_prompt)
+        return translate_reply(reply, echo_prompt=plan.echo_prompt, reasoning=plan.reasoning)
     except ProtocolError as exc:
         raise UpstreamError(route.worker, "malformed", f"reply: {exc}") from exc
 

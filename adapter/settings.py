@@ -17,6 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from protocol.reasoning import ReasoningMode
+
 ENV_PREFIX = "FASTCHAT_ADAPTER_"
 
 if sys.version_info >= (3, 11):
@@ -88,6 +90,12 @@ class Settings(BaseSettings):
     )
     sep_style_numbering: Literal["auto", "0.2.36", "main"] = Field(
         "auto", description="FastChat SeparatorStyle numbering of the workers' templates."
+    )
+    reasoning: ReasoningMode = Field(
+        "auto",
+        description="<think> blocks: split them into DB-GPT's thinking part (auto: for "
+        "reasoning models and outputs that start one; split: always), strip them, or pass "
+        "them through in the text.",
     )
 
     # --- DB-GPT cluster -------------------------------------------------------------------

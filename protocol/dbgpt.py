@@ -234,10 +234,13 @@ class Usage(_Reply):
 class ModelOutput(_Reply):
     """One generation frame in the legacy ``text`` form (§7.3), readable by DB-GPT 0.4.2–0.8.2.
 
-    Never ``content`` (0.7.0 stores it raw; ≤ 0.6 crashes on it), never both, and no FastChat
-    extras such as ``logprobs``. ``text`` is cumulative. ``incremental`` is left out on purpose:
-    every version that knows the key defaults it to false, and 0.4.2–0.5.2 clients, which parse
-    with ``ModelOutput(**data)``, raise on it (§7.2).
+    No FastChat extras such as ``logprobs``. ``text`` is cumulative. ``incremental`` is left out
+    on purpose: every version that knows the key defaults it to false, and 0.4.2–0.5.2 clients,
+    which parse with ``ModelOutput(**data)``, raise on it (§7.2).
+
+    With ``thinking`` set (the reasoning split, §7.4) the frame is sent in the 0.7.1+ form
+    instead: ``content: [thinking part, text part]`` in place of ``text``, never both (0.7.0
+    stores ``content`` raw; ≤ 0.6 crashes on it). ``thinking`` is never a wire key itself.
     """
 
     text: str
@@ -246,6 +249,20 @@ class ModelOutput(_Reply):
     finish_reason: Literal["stop", "length"] | None = None
     usage: Usage | None = None
     metrics: dict[str, Any] | None = None
+    thinking: str | None = Field(default=None, exclude=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        if self.thinking is None:
+            return wire
+        text = wire.pop("text")
+        parts = [_media_part("thinking", self.thinking), _media_part("text", text)]
+        return {"content": parts, **wire}
+
+
+def _media_part(kind: str, data: str) -> dict[str, Any]:
+    """A MediaContent as DB-GPT's own workers serialise it (``dataclasses.asdict`` order)."""
+    return {"object": {"data": data, "format": "text"}, "type": kind}
 
 
 class ExtMetadata(_Reply):

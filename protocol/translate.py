@@ -32,6 +32,7 @@ from protocol.errors import (
     WorkerError,
 )
 from protocol.fastchat import Chunk, ChunkUsage, ConvTemplate, ErrorCode, GenerationParams
+from protocol.reasoning import ReasoningMode, ReasoningParser, ReasoningRule
 
 __all__ = [
     "GenerationPlan",
@@ -139,11 +140,13 @@ class GenerationPlan:
     ``echo_prompt`` is set when a completion asked for echo: FastChat is always sent
     ``echo: false`` (its echo is the *re-decoded* prompt, not the original), and the
     ``StreamTranslator`` built with ``StreamTranslator(echo_prompt=plan.echo_prompt)`` prepends
-    the exact original prompt instead (§9.2 item 7).
+    the exact original prompt instead (§9.2 item 7). ``reasoning`` is how the answer's text is
+    split into thinking and answer (None: relayed as it is; ``protocol.reasoning``).
     """
 
     params: GenerationParams
     echo_prompt: str | None = None
+    reasoning: ReasoningRule | None = None
 
 
 def plan_generation(
@@ -155,6 +158,7 @@ def plan_generation(
     context_length: int,
     prompt_tokens: int,
     default_temperature: float,
+    reasoning: ReasoningMode = "pass",
 ) -> GenerationPlan:
     """FastChat generation parameters for ``request`` (§9.2), with ``openai_api_server``'s
     semantics where DB-GPT's differ.
@@ -177,6 +181,8 @@ def plan_generation(
       the rendered template.
     - ``model`` is always set; DB-GPT-only keys (``span_id``, ``context_len``, ``user``…) are
       not forwarded. ``context_length`` comes from the worker, not the request's ``context_len``.
+    - ``reasoning``: the ``--reasoning`` mode; the plan carries the rule for this model and
+      prompt (``ReasoningRule.for_request``).
     """
     budget = context_length - prompt_tokens - 1
     if budget <= 0:
@@ -198,7 +204,10 @@ def plan_generation(
         echo=False,
     )
     echo = request.prompt if request.is_completion and request.echo else None
-    return GenerationPlan(params=params, echo_prompt=echo)
+    rule = ReasoningRule.for_request(
+        reasoning, model=model, prompt=prompt, completion=request.is_completion
+    )
+    return GenerationPlan(params=params, echo_prompt=echo, reasoning=rule)
 
 
 # --- output stream ------------------------------------------------------------------------
@@ -236,13 +245,19 @@ class StreamTranslator:
       DB-GPT's apiserver sends the finish event twice (§8.4). The previous chunk had the same
       usage anyway.
 
+    - With a ``reasoning`` rule, each frame's cumulative text is split into thinking and answer
+      (``ReasoningParser``): neither ever shrinks. Error frames keep the plain form.
+
     ``translate`` returns None for a chunk to drop. At a clean end of the body call ``finish``:
     it returns the frame still owed downstream, if any.
     """
 
-    def __init__(self, *, echo_prompt: str | None = None) -> None:
+    def __init__(
+        self, *, echo_prompt: str | None = None, reasoning: ReasoningRule | None = None
+    ) -> None:
         self._prefix = echo_prompt or ""
         self._context = None if echo_prompt is None else _echo_context(echo_prompt)
+        self._reasoning = ReasoningParser(reasoning)
         self._text: str | None = None  # upstream text of the last chunk
         self._ended = False
 
@@ -258,7 +273,7 @@ class StreamTranslator:
         if parsed.error_code != 0:
             self._ended = True
             return error_output(parsed.error_code, parsed.text)
-        output = _output(parsed, self._prefix, self._context)
+        output = _output(parsed, self._prefix, self._context, self._reasoning)
         if output.finish_reason is not None:
             self._ended = True
             if output.usage is not None and _unchanged(self._text or "", parsed.text):
@@ -278,30 +293,42 @@ class StreamTranslator:
             return error_output(
                 ErrorCode.INTERNAL_ERROR, "the FastChat worker's stream ended without any output"
             )
+        split = self._reasoning.feed(self._text)
         return ModelOutput(
-            text=self._prefix + self._text,
+            text=self._prefix + split.answer,
             error_code=0,
             model_context=self._context,
             finish_reason="stop",
+            thinking=split.thinking,
         )
 
 
-def translate_reply(reply: dict[str, Any], *, echo_prompt: str | None = None) -> ModelOutput:
-    """The ``/worker_generate`` reply (FastChat's last chunk) → one DB-GPT ``ModelOutput``."""
+def translate_reply(
+    reply: dict[str, Any],
+    *,
+    echo_prompt: str | None = None,
+    reasoning: ReasoningRule | None = None,
+) -> ModelOutput:
+    """The ``/worker_generate`` reply (FastChat's last chunk) → one DB-GPT ``ModelOutput``,
+    split like a stream's last frame."""
     parsed = Chunk.from_wire(reply)
     if parsed.error_code != 0:
         return error_output(parsed.error_code, parsed.text)
     context = None if echo_prompt is None else _echo_context(echo_prompt)
-    return _output(parsed, echo_prompt or "", context)
+    return _output(parsed, echo_prompt or "", context, ReasoningParser(reasoning))
 
 
-def _output(chunk: Chunk, prefix: str, context: dict[str, Any] | None) -> ModelOutput:
+def _output(
+    chunk: Chunk, prefix: str, context: dict[str, Any] | None, reasoning: ReasoningParser
+) -> ModelOutput:
+    split = reasoning.feed(chunk.text)
     return ModelOutput(
-        text=prefix + chunk.text,
+        text=prefix + split.answer,
         error_code=0,
         model_context=context,
         finish_reason=normalize_finish_reason(chunk.finish_reason),
         usage=_usage(chunk.usage),
+        thinking=split.thinking,
     )
 
 

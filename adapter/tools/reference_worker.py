@@ -105,6 +105,8 @@ class ReferenceWorkerConfig:
     seed: int = 0
     eos_after: int | None = None
     """The model ends its turn with EOS after this many words; None: only length or stop."""
+    in_order: bool = False
+    """Every reply is the script from its first word (see ``ScriptedModel.in_order``)."""
 
     def __post_init__(self) -> None:
         if not self.model_names or not all(self.model_names):
@@ -120,7 +122,9 @@ class ReferenceWorkerConfig:
 
     @property
     def model(self) -> ScriptedModel:
-        return ScriptedModel(self.script, self.seed, self.context_length, self.eos_after)
+        return ScriptedModel(
+            self.script, self.seed, self.context_length, self.eos_after, self.in_order
+        )
 
 
 class _ConcurrencyGate:
@@ -375,6 +379,13 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _words(text: str) -> tuple[str, ...]:
+    words = tuple(text.split())
+    if not words:
+        raise argparse.ArgumentTypeError("the script needs at least one word")
+    return words
+
+
 def _template(path: str) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -429,6 +440,17 @@ def add_reference_worker_arguments(parser: argparse.ArgumentParser) -> None:
     add("--embedding-dim", type=_positive, default=default.embedding_dim)
     add("--seed", type=int, default=default.seed)
     add("--eos-after", type=_count, default=None, help="end every reply with EOS after N words")
+    add(
+        "--script",
+        type=_words,
+        default=default.script,
+        help="the model's words, separated by spaces (distinct, e.g. '<think> hmm </think> 42')",
+    )
+    add(
+        "--in-order",
+        action="store_true",
+        help="reply with the script from its first word, whatever the prompt",
+    )
 
 
 def config_from_args(ns: argparse.Namespace) -> ReferenceWorkerConfig:
@@ -445,4 +467,6 @@ def config_from_args(ns: argparse.Namespace) -> ReferenceWorkerConfig:
         embedding_dim=ns.embedding_dim,
         seed=ns.seed,
         eos_after=ns.eos_after,
+        script=ns.script,
+        in_order=ns.in_order,
     )

@@ -93,6 +93,9 @@ class ScriptedModel:
     context_length: int = 2048
     eos_after: int | None = None
     """Emit EOS as reply token number ``eos_after`` (0-based), ending the turn; None: never."""
+    in_order: bool = False
+    """Reply with the script from its first word, whatever the prompt (a scripted answer, e.g.
+    one with a ``<think>`` block); otherwise start at a word chosen by the prompt's hash."""
 
     def __post_init__(self) -> None:
         if not self.script or len(set(self.script)) != len(self.script):
@@ -128,6 +131,8 @@ class ScriptedModel:
         """Reply token number ``index`` for ``prompt``: EOS at ``eos_after``, else a script word."""
         if index == self.eos_after:
             return EOS
+        if self.in_order:
+            return self.script[index % len(self.script)]
         digest = hashlib.sha256(f"{self.seed}\0{prompt}".encode()).digest()
         start = int.from_bytes(digest[:8], "big")
         return self.script[(start + index) % len(self.script)]

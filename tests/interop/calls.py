@@ -115,6 +115,19 @@ def post_openai(
     return answer
 
 
+def reasoning_of(answer: Answer) -> str:
+    """The `reasoning_content` of an answer: a non-stream message's, or the stream's deltas
+    concatenated (DB-GPT's apiserver puts a worker's thinking part there)."""
+    pieces: list[str] = []
+    for event in answer.events:
+        if not isinstance(event, dict):
+            continue
+        for choice in event.get("choices", []):
+            part = choice.get("delta") or choice.get("message") or {}
+            pieces.append(part.get("reasoning_content") or "")
+    return "".join(pieces)
+
+
 # --- DB-GPT controller ------------------------------------------------------------------------
 
 

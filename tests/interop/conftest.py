@@ -18,6 +18,8 @@ Function fixtures:
     dbgpt_cluster_factory     start(...) -> a fresh DbgptCluster; stopped after the test
     adapter_factory           start(workers=..., embedding_workers=..., controllers=...) ->
                               AdapterProc (the real `fastchat-adapter serve`); stopped after
+    reference_worker_factory  start(model_name, script=..., eos_after=..., conv_template_file=...)
+                              -> ReferenceWorkerProc (scripted answers); stopped after
     http                      httpx.Client (30 s timeout, no proxies from the environment)
 Every test has a deadline (SIGALRM): `@pytest.mark.deadline(seconds)`, else DEFAULT_DEADLINE_S.
 
@@ -52,6 +54,7 @@ from tests.interop.stacks import (
     DbgptCluster,
     FastChatStack,
     FastChatWorker,
+    ReferenceWorkerProc,
     start_dbgpt_cluster,
     start_fastchat_stack,
 )
@@ -369,6 +372,30 @@ def adapter_factory(
             interop_run, _proc_name(f"adapter-{len(started) + 1}", request), **options
         )
         started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture
+def reference_worker_factory(
+    request: pytest.FixtureRequest, interop_run: RunDir
+) -> Iterator[Callable[..., ReferenceWorkerProc]]:
+    """Start the project's reference worker (`fastchat-adapter reference-worker`) for one test.
+
+    start(model_name, *, script=(), eos_after=None, conv_template_file=None)
+    With a `script`, every reply is exactly those words in order (a scripted answer)."""
+    started: list[ReferenceWorkerProc] = []
+
+    def start(model_name: str, **options: Any) -> ReferenceWorkerProc:
+        name = _proc_name(f"refworker-{len(started) + 1}-{model_name}", request)
+        proc = ReferenceWorkerProc(
+            interop_run, name, program=ADAPTER_PROGRAM, model_name=model_name, **options
+        )
+        started.append(proc)
+        proc.start()
         return proc
 
     yield start

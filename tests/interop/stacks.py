@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.interop.peers import EMBED_MODEL_NAME, TINY_LLM, Models, PeerEnv
 from tests.interop.procs import (
@@ -590,3 +591,47 @@ class AdapterProc(Proc):
             reply = http.get(self.url + "/metrics")
             reply.raise_for_status()
             return reply.text
+
+
+# --- the reference worker (scripted answers) --------------------------------------------------
+
+
+def reference_worker_argv(
+    program: str,
+    *,
+    port: int | str,
+    model_name: str,
+    script: Sequence[str] = (),
+    eos_after: int | None = None,
+    conv_template_file: str | None = None,
+    host: str = LOOPBACK,
+) -> list[str]:
+    """`fastchat-adapter reference-worker`: with a `script`, every reply is that script in
+    order (`--in-order`), so a test knows the worker's exact answer."""
+    argv = [program, "reference-worker", "--host", host, "--port", str(port)]
+    argv += ["--model-names", model_name]
+    if script:
+        argv += ["--script", " ".join(script), "--in-order"]
+    if eos_after is not None:
+        argv += ["--eos-after", str(eos_after)]
+    if conv_template_file is not None:
+        argv += ["--conv-template-file", conv_template_file]
+    return argv
+
+
+class ReferenceWorkerProc(Proc):
+    """The project's reference FastChat-protocol worker as a process, one model name."""
+
+    def __init__(
+        self, run: RunDir, name: str, *, program: Path, model_name: str, **options: Any
+    ) -> None:
+        self.model_name = model_name
+        super().__init__(
+            run,
+            name,
+            lambda port: reference_worker_argv(
+                str(program), port=port, model_name=model_name, **options
+            ),
+            post_ok("/worker_get_status"),
+            ready_timeout=SERVER_READY_S,
+        )
