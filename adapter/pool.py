@@ -283,6 +283,11 @@ class WorkerPool:
         self._info[(route.worker, route.model)] = (generation, info)  # only successes
         return info
 
+    def forget_model_info(self, model: str) -> None:
+        """Drop the cached template and context length of ``model`` on every worker."""
+        for key in [key for key in self._info if key[1] == model]:
+            del self._info[key]
+
     def _fetch_over(self, key: tuple[str, str], fetch: asyncio.Future[ModelInfo]) -> None:
         if self._info_fetches.get(key) is fetch:
             del self._info_fetches[key]

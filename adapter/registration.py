@@ -98,6 +98,7 @@ class Registrar:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closed = False
         self._bad_names: set[str] = set()
+        self._stopped: set[str] = set()  # keys `dbgpt model stop` took out of the registry
 
     @classmethod
     def create(
@@ -165,6 +166,33 @@ class Registrar:
             for key in keys:
                 c.pending[key] = hard or c.pending.get(key, False)
             self._export(c)
+
+    # --- `dbgpt model stop|start|restart` (adapter/model_control.py) --------------------
+    def stop_model(self, key: str, *, remove: bool) -> None:
+        """Deregister ``key`` everywhere (marked unhealthy, or removed with ``remove``) and keep
+        it out of registers and heartbeats until ``start_model``."""
+        self._stopped.add(key)
+        self._forget({key}, hard=remove)
+        for c in self._controllers:
+            c.wake.set()
+
+    def start_model(self, key: str) -> None:
+        """Register ``key`` again (if a live worker serves it) on every controller."""
+        self._stopped.discard(key)
+        for c in self._controllers:
+            c.registered.discard(key)
+            c.wake.set()
+
+    async def deletes_sent(self, key: str, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until no controller still owes a delete of
+        ``key``; whether that happened."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(key in c.pending for c in self._controllers):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     # --- the per-controller task --------------------------------------------------------
     async def _serve(self, c: _Controller) -> None:
@@ -324,6 +352,8 @@ class Registrar:
                     table[key] = self._instance(key)
         if self._settings.register_service:
             table[SERVICE_KEY] = self._instance(SERVICE_KEY)
+        for key in self._stopped:
+            table.pop(key, None)
         return table
 
     def _dead_keys(self) -> set[str]:

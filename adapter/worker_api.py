@@ -8,17 +8,17 @@
 | ``POST count_token`` | bare int; ``model`` may be missing when one LLM is served |
 | ``POST model_metadata`` | ModelMetadata, the cross-version key set |
 | ``GET models/supports`` | ``[{"host", "port", "models": [SupportedModel…]}]`` |
-| ``POST apply`` | ``{"message", "success": false, "timecost": 0}`` |
-| ``GET parameter/descriptions`` | ``[]`` |
-| ``POST models/startup``, ``models/shutdown`` | 501 ``{"detail"}`` |
+| ``POST apply`` | ``{"message", "success", "timecost"}``: start / stop / restart (registration) |
+| ``GET parameter/descriptions`` | ``[ParameterDescription…]`` of one model |
+| ``POST models/startup``, ``models/shutdown`` | ``WorkerApplyOutput``; 404 for a model not served |
 
 HTTP statuses other than 200: **422** for a body that does not parse, naming the field (on the
 stream route the 422 body is one NUL-terminated ModelOutput error frame, as every answer of
 that route is, because DB-GPT's stream reader ignores the status and would otherwise show an
 empty answer); **404** for a model no live worker serves; **400** for ``count_token`` without
 a model when several are served; **500** when a FastChat worker fails; **501** for what
-FastChat cannot do (rerank, starting or stopping models). DB-GPT's clients raise on these with
-our ``detail`` in the message (§6.3).
+FastChat cannot do (rerank). DB-GPT's clients raise on these with our ``detail`` in the message
+(§6.3). ``start``, ``stop`` and ``restart`` act on the registration only (adapter/model_control.py).
 
 Every route is declared with ``@_worker_route``, the one place that reads and parses the body,
 makes the request's ``Tracker`` and maps errors to answers: ``InvalidRequest`` -> 422,
@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 
 from adapter.embeddings import embed
 from adapter.errors import NoWorker, Refused, UpstreamError
+from adapter.model_control import apply_action, parameter_descriptions
 from adapter.pool import WorkerKind
 from adapter.relay import Relay, frame
 from adapter.streaming import FrameStreamResponse
@@ -48,6 +49,7 @@ from protocol.dbgpt import (
     SupportedModel,
     WorkerApplyOutput,
     WorkerApplyRequest,
+    WorkerStartupRequest,
     WorkerSupportedModel,
 )
 from protocol.errors import InvalidMessage, InvalidRequest
@@ -67,10 +69,6 @@ STREAM_ROUTE = "generate_stream"
 
 router = APIRouter(prefix="/api/worker", tags=["DB-GPT worker API"])
 
-NO_LIFECYCLE = (
-    "FastChat workers have no lifecycle API: start, stop or restart the FastChat worker "
-    "process itself; fastchat-adapter picks the change up from its status within seconds"
-)
 NO_RERANK = "rerank is not supported: FastChat workers have no rerank API"
 
 
@@ -78,13 +76,18 @@ NO_RERANK = "rerank is not supported: FastChat workers have no rerank API"
 
 
 def _worker_route(
-    route: str, parse: Callable[[Any], _Wire] | None, *, lenient: bool = False
+    route: str,
+    parse: Callable[[Any], _Wire] | None,
+    *,
+    lenient: bool = False,
+    query: bool = False,
 ) -> Callable[[Handler[_Wire]], Endpoint]:
     """Wrap ``handler(runtime, parsed, tracker)`` into an endpoint. ``parse`` is the body's
-    ``from_wire`` (``None`` for a route without a body); ``lenient`` routes are answered
-    whatever the body, with ``None`` for one that does not parse. The tracker is closed here
-    when the response is made, except for a ``FrameStreamResponse``, which closes it when the
-    stream ends (the handler hands it ``tracker.done``)."""
+    ``from_wire`` (``None`` for a route without a body), or with ``query`` the query string's
+    (a dict of its parameters: DB-GPT's GET routes take theirs there); ``lenient`` routes are
+    answered whatever the body, with ``None`` for one that does not parse. The tracker is
+    closed here when the response is made, except for a ``FrameStreamResponse``, which closes
+    it when the stream ends (the handler hands it ``tracker.done``)."""
 
     def decorate(handler: Handler[_Wire]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
@@ -94,7 +97,7 @@ def _worker_route(
             error: InvalidRequest | None = None
             try:
                 if parse is not None:
-                    body = await _body(request)
+                    body = dict(request.query_params) if query else await _body(request)
                     parsed = parse(body)
             except InvalidRequest as exc:
                 error = None if lenient else exc
@@ -226,7 +229,9 @@ async def model_metadata_route(
 async def models_supports(runtime: Runtime, _: None, tracker: Tracker) -> Response:
     pool, settings = runtime.pool, runtime.settings
     models = [
-        SupportedModel(model=name, worker_type=kind)
+        SupportedModel(
+            model=name, worker_type=kind, params=parameter_descriptions(runtime, name, kind)
+        )
         for kind in _KINDS
         for name in pool.all_names(kind)
     ]
@@ -238,25 +243,49 @@ async def models_supports(runtime: Runtime, _: None, tracker: Tracker) -> Respon
 @_worker_route("apply", WorkerApplyRequest.from_wire, lenient=True)
 async def apply(runtime: Runtime, asked: WorkerApplyRequest | None, tracker: Tracker) -> Response:
     # Answered whatever the body: the CLI parses only the reply.
-    what = f"{asked.apply_type} of {asked.model}@{asked.worker_type}" if asked else "this request"
-    tracker.outcome = "rejected"
-    message = f"{what} is not supported: {NO_LIFECYCLE}"
-    return JSONResponse(WorkerApplyOutput(message=message, success=False).to_wire())
+    if asked is None:
+        output = WorkerApplyOutput(
+            message="the request is not a worker apply request", success=False
+        )
+    else:
+        output = await apply_action(runtime, asked.apply_type, asked.model, asked.worker_type)
+    if not output.success:
+        tracker.outcome = "rejected"
+    return JSONResponse(output.to_wire())
 
 
 @router.get("/parameter/descriptions")
-@_worker_route("parameter_descriptions", None)
-async def parameter_descriptions(runtime: Runtime, _: None, tracker: Tracker) -> Response:
-    return JSONResponse([])
+@_worker_route("parameter_descriptions", _as_is, lenient=True, query=True)
+async def parameter_descriptions_route(
+    runtime: Runtime, query: dict[str, str], tracker: Tracker
+) -> Response:
+    kind: WorkerKind = "text2vec" if query.get("worker_type") == "text2vec" else "llm"
+    described = parameter_descriptions(runtime, query.get("model", ""), kind)
+    return JSONResponse([d.to_wire() for d in described])
 
 
 @router.post("/models/startup")
-@_worker_route("models_startup", _as_is, lenient=True)
-async def models_startup(runtime: Runtime, _: Any, tracker: Tracker) -> Response:
-    raise Refused(501, f"starting a model is not supported: {NO_LIFECYCLE}")
+@_worker_route("models_startup", WorkerStartupRequest.from_wire)
+async def models_startup(
+    runtime: Runtime, asked: WorkerStartupRequest, tracker: Tracker
+) -> Response:
+    return _startup_reply(await apply_action(runtime, "start", asked.model, asked.worker_type))
 
 
 @router.post("/models/shutdown")
-@_worker_route("models_shutdown", _as_is, lenient=True)
-async def models_shutdown(runtime: Runtime, _: Any, tracker: Tracker) -> Response:
-    raise Refused(501, f"stopping a model is not supported: {NO_LIFECYCLE}")
+@_worker_route("models_shutdown", WorkerStartupRequest.from_wire)
+async def models_shutdown(
+    runtime: Runtime, asked: WorkerStartupRequest, tracker: Tracker
+) -> Response:
+    output = await apply_action(
+        runtime, "stop", asked.model, asked.worker_type, remove=asked.delete_after
+    )
+    return _startup_reply(output)
+
+
+def _startup_reply(output: WorkerApplyOutput) -> Response:
+    """DB-GPT's client prints nothing of a 200 reply, and raises with the body of any other:
+    a model we do not serve is a 404 whose message says so."""
+    if not output.success:
+        raise Refused(404, output.message)
+    return JSONResponse(output.to_wire())

@@ -31,11 +31,13 @@ __all__ = [
     "ModelMetadata",
     "ModelMetadataRequest",
     "ModelOutput",
+    "ParameterDescription",
     "PromptRequest",
     "SupportedModel",
     "Usage",
     "WorkerApplyOutput",
     "WorkerApplyRequest",
+    "WorkerStartupRequest",
     "WorkerSupportedModel",
     "WorkerType",
     "parse_worker_key",
@@ -222,6 +224,18 @@ class WorkerApplyRequest(_Request):
     apply_user: str | None = None
 
 
+class WorkerStartupRequest(_Request):
+    """Body of ``/api/worker/models/startup`` and ``models/shutdown`` (§8.8): what ``dbgpt model
+    start`` and ``stop`` (and the web UI's stop) send to a ``WorkerManager@service`` entry."""
+
+    model: str
+    worker_type: str = WorkerType.LLM.value
+    host: str | None = None
+    port: int | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    delete_after: bool = False  # stop: remove from the registry instead of marking unhealthy
+
+
 # --- worker API: replies (§6.2, §6.4, §7.3) -----------------------------------------------
 
 
@@ -281,6 +295,21 @@ class ModelMetadata(_Reply):
     ext_metadata: ExtMetadata = Field(default_factory=ExtMetadata)
 
 
+class ParameterDescription(_Reply):
+    """One model parameter (``/api/worker/parameter/descriptions``, ``SupportedModel.params``):
+    the keys every DB-GPT's ``ParameterDescription(**d)`` accepts (0.7 added ``is_array``,
+    ``label``, ``nested_fields`` and ``param_order``, which older ones would refuse)."""
+
+    param_class: str | None = None
+    param_name: str
+    param_type: str | None = None
+    default_value: Any = None
+    description: str | None = None
+    required: bool = False
+    valid_values: list[Any] | None = None
+    ext_metadata: dict[str, Any] | None = None
+
+
 class SupportedModel(_Reply):
     """One entry of ``/api/worker/models/supports``: the legacy key set (§6.4, §9.1)."""
 
@@ -290,7 +319,9 @@ class SupportedModel(_Reply):
     path_exist: bool = False
     proxy: bool = False
     enabled: bool = True
-    params: list[Any] = Field(default_factory=list)  # `dbgpt model start --help` wants it
+    # `dbgpt model start --help` builds its options from the first model with params, and
+    # crashes (IndexError) when no model has any (§8.8).
+    params: list[ParameterDescription] = Field(default_factory=list)
 
 
 class WorkerSupportedModel(_Reply):

@@ -1,5 +1,6 @@
 """The non-streaming worker API routes, against fake FastChat workers on loopback: generate,
-embeddings, count_token, model_metadata, and the worker-manager routes FastChat cannot serve."""
+embeddings, count_token, model_metadata, and models/supports (start, stop and restart are in
+test_model_control.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from adapter.model_control import parameter_descriptions
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from adapter.tools.scripted_model import SERVER_ERROR_MSG
 from tests.adapter._worker_api import MODEL, calls, chat, serving, settings, vicuna_prompt
@@ -260,7 +262,20 @@ async def test_models_supports_lists_every_served_model(fake_worker: StartFake) 
             "path_exist": False,
             "proxy": False,
             "enabled": True,
-            "params": [],
+            "params": [
+                {
+                    "param_class": "builtins.FastChatAdapterModelParameters",
+                    "param_name": "fastchat_worker_address",
+                    "param_type": "str",
+                    "default_value": (text2vec if kind == "text2vec" else llm).url,
+                    "description": parameter_descriptions(adapter.runtime, name, kind)[0].to_wire()[
+                        "description"
+                    ],
+                    "required": False,
+                    "valid_values": None,
+                    "ext_metadata": None,
+                }
+            ],
         }
 
     assert reply.json() == [
@@ -270,40 +285,3 @@ async def test_models_supports_lists_every_served_model(fake_worker: StartFake) 
             "models": [supported("a", "llm"), supported("b", "llm"), supported("e", "text2vec")],
         }
     ]
-
-
-async def test_apply_says_no_with_a_message(fake_worker: StartFake) -> None:
-    fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
-        body = {"model": MODEL, "apply_type": "restart", "worker_type": "llm", "params": {}}
-        reply = await adapter.client.post("/api/worker/apply", json={**body, "apply_user": None})
-        garbage = await adapter.client.post("/api/worker/apply", content=b"]")
-    assert reply.status_code == 200
-    answer = reply.json()
-    assert list(answer) == ["message", "success", "timecost"]
-    assert answer["success"] is False and answer["timecost"] == 0
-    assert answer["message"].startswith(f"restart of {MODEL}@llm is not supported")
-    assert "no lifecycle API" in answer["message"]
-    assert garbage.status_code == 200 and garbage.json()["success"] is False
-
-
-@pytest.mark.parametrize("path", ["/api/worker/models/startup", "/api/worker/models/shutdown"])
-async def test_startup_and_shutdown_are_clear_http_errors(
-    fake_worker: StartFake, path: str
-) -> None:
-    fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
-        body = {"host": "127.0.0.1", "port": 1, "model": MODEL, "worker_type": "llm"}
-        reply = await adapter.client.post(path, json={**body, "params": {}})
-    assert reply.status_code == 501
-    assert "not supported" in reply.json()["detail"]
-    assert "no lifecycle API" in reply.json()["detail"]
-
-
-async def test_parameter_descriptions_is_empty(fake_worker: StartFake) -> None:
-    fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
-        reply = await adapter.client.get(
-            "/api/worker/parameter/descriptions", params={"model": MODEL, "worker_type": "llm"}
-        )
-    assert (reply.status_code, reply.json()) == (200, [])
