@@ -8,11 +8,18 @@ startup (where registration begins) runs before uvicorn has bound its socket, an
 bind host need not be reachable as 127.0.0.1. Both present the same interface, so the
 registrar has one code path for both.
 
+``FailoverController`` puts several controllers that share one registry database (DB-GPT's HA
+deployment) behind one link: each call goes to one of them, the next one on failure, as DB-GPT's
+own workers do. Sending every call to all of them instead would race in the shared database
+(register is a SELECT then an INSERT, without a lock) and leave duplicate rows.
+
 Every failure (refused, timed out, non-2xx) is one ``ControllerError``; the registrar retries.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,7 +29,9 @@ from adapter.errors import ControllerError
 from adapter.registry import ModelRegistry
 from protocol.dbgpt import ModelInstance
 
-__all__ = ["ControllerLink", "EmbeddedController", "HttpController"]
+__all__ = ["ControllerLink", "EmbeddedController", "FailoverController", "HttpController"]
+
+log = logging.getLogger("fastchat_adapter.registration")
 
 # A controller call is a dict operation on the far side; anything slower means trouble, and a
 # slow call holds up that controller's queue (never the others', nor request serving).
@@ -108,3 +117,61 @@ class EmbeddedController:
         self.registry.deregister(
             instance.model_name, instance.host, instance.port, remove_from_registry=remove
         )
+
+
+class FailoverController:
+    """Controllers sharing one registry, as one link: every call goes to the *active* one; on
+    a failure the same call goes to the next in the list, and the first that answers becomes
+    active (sticky: it stays so until it fails). Only when all fail does the call fail.
+    ``on_failover(url)`` is told each switch. Calls are never sent to two controllers at once,
+    so the shared registry sees one writer per instance, as with DB-GPT's own workers."""
+
+    def __init__(
+        self, links: Sequence[ControllerLink], on_failover: Callable[[str], None] | None = None
+    ) -> None:
+        if not links:
+            raise ValueError("FailoverController needs at least one controller")
+        self._links = list(links)
+        self._on_failover = on_failover
+        self._active = 0
+
+    @property
+    def name(self) -> str:
+        return ",".join(link.name for link in self._links)
+
+    @property
+    def active(self) -> str:
+        """The controller that gets the next call."""
+        return self._links[self._active].name
+
+    async def register(self, instance: ModelInstance) -> None:
+        await self._first_that_answers(lambda link: link.register(instance))
+
+    async def heartbeat(self, instance: ModelInstance) -> None:
+        await self._first_that_answers(lambda link: link.heartbeat(instance))
+
+    async def deregister(
+        self, instance: ModelInstance, *, remove: bool, timeout: float = CALL_TIMEOUT
+    ) -> None:
+        await self._first_that_answers(
+            lambda link: link.deregister(instance, remove=remove, timeout=timeout)
+        )
+
+    async def _first_that_answers(self, call: Callable[[ControllerLink], Awaitable[None]]) -> None:
+        start = self._active
+        failures: list[str] = []
+        for step in range(len(self._links)):
+            index = (start + step) % len(self._links)
+            link = self._links[index]
+            try:
+                await call(link)
+            except ControllerError as exc:
+                failures.append(str(exc))
+                continue
+            if index != self._active:
+                log.warning("controller failover: %s -> %s", self.active, link.name)
+                self._active = index
+                if self._on_failover is not None:
+                    self._on_failover(link.name)
+            return
+        raise ControllerError(self.name, "every controller failed: " + "; ".join(failures))

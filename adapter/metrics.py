@@ -93,6 +93,12 @@ class Metrics:
             "Model instances currently registered (healthy) with each DB-GPT controller.",
             ["controller"],
         )
+        self.controller_failovers = counter(
+            "controller_failovers",
+            "Switches of the active DB-GPT controller (--controller-mode failover), by the "
+            "controller switched to.",
+            ["controller"],
+        )
         self.build_info = gauge(
             "build_info",
             "Always 1; the labels carry the adapter version.",

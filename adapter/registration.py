@@ -48,7 +48,12 @@ import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.wait import wait_exponential, wait_random_exponential
 
-from adapter.controller_client import ControllerLink, EmbeddedController, HttpController
+from adapter.controller_client import (
+    ControllerLink,
+    EmbeddedController,
+    FailoverController,
+    HttpController,
+)
 from adapter.errors import ControllerError
 from adapter.metrics import Metrics
 from adapter.pool import PoolEvent, WorkerPool
@@ -109,12 +114,16 @@ class Registrar:
         metrics: Metrics,
         registry: ModelRegistry | None,
     ) -> Registrar:
-        """Links to every ``--controller-address``, or to our own registry when standalone."""
+        """Links to every ``--controller-address`` (fan-out), to one of them at a time
+        (``--controller-mode failover``), or to our own registry when standalone."""
         links: list[ControllerLink]
         if registry is not None:
             links = [EmbeddedController(settings.effective_controllers[0], registry)]
         else:
             links = [HttpController(url, http) for url in settings.controller_address]
+        if settings.controller_mode == "failover" and len(links) > 1:
+            count = metrics.controller_failovers
+            links = [FailoverController(links, lambda url: count.labels(url).inc())]
         return cls(settings, pool, metrics, links)
 
     # --- 1. start -----------------------------------------------------------------------

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         description="DB-GPT controller URL(s), comma-separated; none: serve the controller "
         "API ourselves (standalone).",
     )
+    controller_mode: Literal["fanout", "failover"] = Field(
+        "fanout",
+        description="With several controllers: fanout registers with each (independent "
+        "controllers); failover sends each call to one and moves on when it fails "
+        "(controllers sharing one registry database).",
+    )
     heartbeat_interval: float = Field(
         20.0, gt=0, description="Seconds between heartbeats (DB-GPT's own default)."
     )

@@ -251,6 +251,40 @@ async def test_every_controller_gets_everything(tiny: FakeWorker) -> None:
             assert fake.listing() == []
 
 
+async def test_failover_mode_talks_to_one_controller_and_moves_on_failure(
+    tiny: FakeWorker,
+) -> None:
+    """--controller-mode failover (controllers sharing one registry): every call goes to the
+    first controller only; when it fails (500, then down) the same calls go to the next one,
+    and it stays there; the SIGTERM delete goes to the active one, once."""
+    with FakeController() as one, FakeController() as two:
+        config = settings(
+            worker_address=[tiny.url],
+            controller_address=[one.url, two.url],
+            controller_mode="failover",
+        )
+        async with running(config) as runtime:
+            await _wait_calls(one, HEARTBEAT, "tiny@llm", 2)
+            assert runtime.ready
+            assert len(calls(one, REGISTER, "tiny@llm")) == 1 and two.calls == []
+            one.fail_status = 500  # a failing registry database
+            await _wait_calls(two, HEARTBEAT, "tiny@llm", 2)
+            one.fail_status = None
+            one.stop()
+            mark = len(_beats(two))
+            await _wait_calls(two, HEARTBEAT, "tiny@llm", mark + 2)
+            one.start()  # back: the active one stays active (no flapping)
+            mark = len(_beats(two))
+            await _wait_calls(two, HEARTBEAT, "tiny@llm", mark + 2)
+            failovers = runtime.metrics.registry.get_sample_value(
+                "fastchat_adapter_controller_failovers_total", {"controller": two.url}
+            )
+            assert failovers == 1
+            assert runtime.ready
+            one.clear_calls()
+        assert len(calls(two, DELETE, "tiny@llm")) == 1 and one.calls == []
+
+
 async def test_backoff_while_the_controller_fails_at_start(
     controller: FakeController, tiny: FakeWorker
 ) -> None:
