@@ -37,7 +37,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -304,8 +304,10 @@ def dbgpt_cluster_factory(
 ) -> Iterator[Callable[..., DbgptCluster]]:
     """Start a fresh DB-GPT cluster for one test (a registry nobody else has touched).
 
-    start(*, controller_addr=None, heartbeat_interval_secs=5, heartbeat_timeout_secs=15)
-    With controller_addr, only an apiserver is started, pointed at that address.
+    start(*, controller_addr=None, heartbeat_interval_secs=5, heartbeat_timeout_secs=15,
+          registry=None)
+    With controller_addr, only an apiserver is started, pointed at that address. `registry`:
+    the controller's registry database table (HA; see stacks.dbgpt_toml).
     """
     started: list[DbgptCluster] = []
 
@@ -314,6 +316,7 @@ def dbgpt_cluster_factory(
         controller_addr: str | None = None,
         heartbeat_interval_secs: int = DBGPT_HEARTBEAT_INTERVAL_S,
         heartbeat_timeout_secs: int = DBGPT_HEARTBEAT_TIMEOUT_S,
+        registry: Mapping[str, object] | None = None,
     ) -> DbgptCluster:
         cluster = start_dbgpt_cluster(
             interop_run,
@@ -322,6 +325,7 @@ def dbgpt_cluster_factory(
             controller_addr=controller_addr,
             heartbeat_interval_secs=heartbeat_interval_secs,
             heartbeat_timeout_secs=heartbeat_timeout_secs,
+            registry=registry,
         )
         started.append(cluster)
         return cluster

@@ -6,8 +6,9 @@ shared/PEERS.md §2.3 and §3.4; every process binds 127.0.0.1 on a port picked 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,11 @@ def dbgpt_toml(
     api_port: int,
     controller_addr: str,
     host: str = LOOPBACK,
+    registry: Mapping[str, object] | None = None,
 ) -> str:
     """The TOML both DB-GPT processes read (PEERS.md §2.2). No `controller_port`: only the
-    apiserver's table (standalone mode, `controller_addr` pointing at the adapter)."""
+    apiserver's table (standalone mode, `controller_addr` pointing at the adapter). `registry`:
+    the controller's registry database (`type` sqlite or mysql and its keys), for HA."""
     lines = []
     if controller_port is not None:
         lines += [
@@ -107,6 +110,10 @@ def dbgpt_toml(
             f"heartbeat_timeout_secs = {heartbeat_timeout_secs}",
             "",
         ]
+        if registry is not None:
+            lines.append("[service.model.controller.registry.database]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in registry.items()]
+            lines.append("")
     lines += [
         "[service.model.api]",
         f'host = "{host}"',
@@ -383,6 +390,7 @@ class DbgptCluster:
     heartbeat_timeout_secs: int
     external_controller_url: str | None = None
     extra_procs: list[Proc] = field(default_factory=list)
+    registry: Mapping[str, object] | None = None  # a registry database (HA); None: in memory
 
     @property
     def controller_url(self) -> str:
@@ -413,6 +421,7 @@ class DbgptCluster:
                 heartbeat_timeout_secs=self.heartbeat_timeout_secs,
                 api_port=self.apiserver.port,
                 controller_addr=self.controller_url,
+                registry=self.registry,
             )
         )
 
@@ -469,9 +478,11 @@ def start_dbgpt_cluster(
     controller_addr: str | None = None,
     heartbeat_interval_secs: int = DBGPT_HEARTBEAT_INTERVAL_S,
     heartbeat_timeout_secs: int = DBGPT_HEARTBEAT_TIMEOUT_S,
+    registry: Mapping[str, object] | None = None,
 ) -> DbgptCluster:
     """Start a controller, then an apiserver. With `controller_addr`, start only an apiserver
-    pointed at that address (standalone mode, PEERS.md §5 item 10)."""
+    pointed at that address (standalone mode, PEERS.md §5 item 10). `registry`: the
+    controller's registry database (see `dbgpt_toml`)."""
     home = run.path / f"{name}-home"
     home.mkdir(exist_ok=True)
     env = run.env(DBGPT_HOME=str(home))
@@ -511,6 +522,7 @@ def start_dbgpt_cluster(
         heartbeat_interval_secs=heartbeat_interval_secs,
         heartbeat_timeout_secs=heartbeat_timeout_secs,
         external_controller_url=controller_addr,
+        registry=registry,
     )
     holder.append(cluster)
     try:
