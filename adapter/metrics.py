@@ -99,6 +99,12 @@ class Metrics:
             "controller switched to.",
             ["controller"],
         )
+        self.images_dropped = counter(
+            "images_dropped",
+            "Image parts of messages not sent on, because the model's worker is not known to "
+            "take images (--multimodal-models).",
+            ["model"],
+        )
         self.build_info = gauge(
             "build_info",
             "Always 1; the labels carry the adapter version.",

@@ -80,7 +80,11 @@ class WorkerPool:
     client: FastChatClient
     metrics: Metrics
     only_models: frozenset[str] = frozenset()
+    # Models whose workers take images: named by --multimodal-models, plus what a FastChat
+    # controller we dispatch through lists as multimodal (refreshed with every poll).
+    multimodal_models: frozenset[str] = frozenset()
     workers: dict[str, Worker] = field(default_factory=dict)
+    _listed_multimodal: set[str] = field(default_factory=set)
     _listeners: list[Listener] = field(default_factory=list)
     _info: dict[tuple[str, str], tuple[int, ModelInfo]] = field(default_factory=dict)
     # The fetch in progress per key, shared by every request that finds the cache cold; the
@@ -97,8 +101,9 @@ class WorkerPool:
         text2vec: Iterable[str] = (),
         fastchat_controller: str | None = None,
         only_models: Iterable[str] = (),
+        multimodal_models: Iterable[str] = (),
     ) -> WorkerPool:
-        pool = cls(client, metrics, frozenset(only_models))
+        pool = cls(client, metrics, frozenset(only_models), frozenset(multimodal_models))
         for url in llm:
             pool.workers[url] = Worker(url, "llm")
         for url in text2vec:
@@ -157,6 +162,10 @@ class WorkerPool:
         # The aggregate status skips dead workers, so it is the controller's view of liveness.
         status = await self.client.status(url)
         names = tuple(sorted(listed & set(status.model_names)))
+        try:
+            self._listed_multimodal = set(await self.client.multimodal_models(url))
+        except UpstreamError:  # a controller without the route: no multimodal models
+            self._listed_multimodal = set()
         return names, status.queue_length, float(status.speed)
 
     async def _mark_down(self, worker: Worker, why: str) -> None:
@@ -244,6 +253,10 @@ class WorkerPool:
             if model in self.served(kind):
                 return await self.resolve(model, kind, takes_slot=takes_slot)
         raise NoWorker(model, table, known=self.knows(model))
+
+    def takes_images(self, route: Route) -> bool:
+        """Whether the worker of ``route`` is known to take images (see ``multimodal_models``)."""
+        return route.model in self.multimodal_models or route.model in self._listed_multimodal
 
     def knows(self, model: str, kind: WorkerKind | None = None) -> bool:
         """Whether any worker, alive or not, served ``model`` when last seen."""

@@ -49,6 +49,7 @@ from protocol.translate import (
     build_prompt,
     error_output,
     plan_generation,
+    request_images,
     translate_reply,
 )
 
@@ -95,7 +96,8 @@ class Relay:
         numbering = None if settings.sep_style_numbering == "auto" else settings.sep_style_numbering
         try:
             info = await runtime.pool.model_info(route)
-            prompt = build_prompt(request, info.conv, numbering=numbering)
+            images = self._images_for(route)
+            prompt = build_prompt(request, info.conv, numbering=numbering, with_images=bool(images))
             tokens = await runtime.client.count_token(route.worker, route.model, prompt)
             plan = plan_generation(
                 request,
@@ -106,6 +108,7 @@ class Relay:
                 prompt_tokens=tokens,
                 default_temperature=settings.default_temperature,
                 reasoning=settings.reasoning,
+                images=images,
             )
         except UpstreamError as exc:
             raise await self._upstream_failure(exc) from exc
@@ -117,6 +120,20 @@ class Relay:
                 UpstreamError(route.worker, "malformed", detail)
             ) from exc
         return Prepared(route, plan)
+
+    def _images_for(self, route: Route) -> list[str]:
+        """The request's images when the worker takes them; otherwise none, and the drop is
+        said once for the request (a warning and ``images_dropped``)."""
+        images = request_images(self.request)
+        if not images or self.runtime.pool.takes_images(route):
+            return images
+        self.runtime.metrics.images_dropped.labels(self.tracker.model).inc(len(images))
+        log.warning(
+            "%d image(s) dropped: %s is not known to take images (--multimodal-models)",
+            len(images),
+            route.model,
+        )
+        return []
 
     async def _upstream_failure(self, exc: UpstreamError) -> RequestFailed:
         """Count, log and report a worker failure; the ``RequestFailed`` that answers it."""

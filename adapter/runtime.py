@@ -83,6 +83,7 @@ class Runtime:
             text2vec=settings.embedding_worker_address,
             fastchat_controller=settings.fastchat_controller_address,
             only_models=settings.model_names,
+            multimodal_models=settings.multimodal_models,
         )
         registry = ModelRegistry() if settings.standalone else None
         registrar = Registrar.create(settings, pool, http, metrics, registry)

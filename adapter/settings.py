@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Serve only these model names (default: every name the workers report).",
     )
+    multimodal_models: CommaList = Field(
+        default_factory=list,
+        description="Models whose FastChat workers take images (sent as FastChat's images "
+        "parameter); a FastChat controller's multimodal models count too. Others: dropped.",
+    )
     fastchat_controller_address: str | None = Field(
         None,
         description="Mirror every model of this FastChat controller and dispatch through it.",
@@ -137,6 +142,7 @@ class Settings(BaseSettings):
         "worker_address",
         "embedding_worker_address",
         "model_names",
+        "multimodal_models",
         "controller_address",
         mode="before",
     )

@@ -176,6 +176,12 @@ class FastChatClient:
         parse = fastchat.ListModelsReply.from_wire
         return sorted((await self._call(controller, "/list_models", {}, parse)).models)
 
+    async def multimodal_models(self, controller: str) -> list[str]:
+        """A FastChat controller's ``/list_multimodal_models`` (workers registered with
+        ``multimodal``)."""
+        parse = fastchat.ListModelsReply.from_wire
+        return sorted((await self._call(controller, "/list_multimodal_models", {}, parse)).models)
+
     async def worker_address(self, controller: str, model: str) -> str:
         body = fastchat.GetWorkerAddress(model=model).to_wire()
         parse = fastchat.WorkerAddressReply.from_wire

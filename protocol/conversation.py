@@ -416,3 +416,15 @@ def render_prompt(
         conv.get("sep_style"), chosen, template=name if isinstance(name, str) else None
     )
     return _RENDERERS[style](_build(conv, turns, system_message))
+
+
+IMAGE_PLACEHOLDER = "$$<image>$$"
+"""What FastChat 0.2.36's ``get_prompt`` puts before a user turn's text, once per image, when the
+turn carries images; only the ``ADD_COLON_TWO`` (Vicuna) style does. sglang_worker, the one
+0.2.36 worker that reads ``images``, checks that the counts match."""
+
+
+def places_images(conv: dict[str, Any], *, numbering: str | None = None) -> bool:
+    """Whether FastChat 0.2.36 marks images in the prompt for this template (see above)."""
+    chosen = detect_numbering(conv) if numbering is None else numbering
+    return decode_sep_style(conv.get("sep_style"), chosen) is SeparatorStyle.ADD_COLON_TWO

@@ -87,6 +87,7 @@ class GenerationParams(_Request):
     stop_token_ids: list[StrictInt] | None = None
     echo: StrictBool = False  # the worker defaults to true: always sent explicitly
     logprobs: StrictInt | None = None  # any non-null value, 0 included, turns logprobs on
+    images: list[str] | None = None  # multimodal workers: image URLs, as openai_api_server sends
 
 
 class ChunkUsage(WireModel):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from protocol import dbgpt, fastchat
-from protocol.conversation import render_prompt
+from protocol.conversation import IMAGE_PLACEHOLDER, places_images, render_prompt
 from protocol.dbgpt import ExtMetadata, ModelMessage, ModelMetadata, ModelOutput, PromptRequest
 from protocol.errors import (
     ContextOverflow,
@@ -46,6 +46,7 @@ __all__ = [
     "model_metadata",
     "normalize_finish_reason",
     "plan_generation",
+    "request_images",
     "translate_reply",
 ]
 
@@ -56,7 +57,9 @@ FinishReason = Literal["stop", "length"]
 # --- prompt -------------------------------------------------------------------------------
 
 
-def conversation_turns(messages: Sequence[ModelMessage]) -> tuple[list[Turn], str | None]:
+def conversation_turns(
+    messages: Sequence[ModelMessage], *, mark_images: bool = False
+) -> tuple[list[Turn], str | None]:
     """DB-GPT messages → (turns for ``render_prompt``, system message or None).
 
     Mapping by position, never by role string (§10 item 1), as FastChat's own API server does:
@@ -74,7 +77,9 @@ def conversation_turns(messages: Sequence[ModelMessage]) -> tuple[list[Turn], st
 
     Content lists keep only their ``text`` parts, joined with ``"\\n"``. ``thinking`` parts
     (earlier reasoning) are dropped, as chat templates do not feed reasoning back; ``image`` and
-    other media parts are dropped too, since FastChat's HF worker ignores images anyway.
+    other media parts are dropped too. With ``mark_images`` (images go to a multimodal worker
+    and the template is one FastChat marks them in), a ``human`` message's text gets one
+    ``IMAGE_PLACEHOLDER`` per image part in front, as FastChat 0.2.36 renders it.
     """
     system: str | None = None
     turns: list[Turn] = []
@@ -82,6 +87,8 @@ def conversation_turns(messages: Sequence[ModelMessage]) -> tuple[list[Turn], st
         if message.role == "view":
             continue
         text = _message_text(message)
+        if mark_images and message.role == "human":
+            text = IMAGE_PLACEHOLDER * len(_images(message)) + text
         if message.role == "system":
             system = text
         elif message.role == "ai":
@@ -95,16 +102,25 @@ def conversation_turns(messages: Sequence[ModelMessage]) -> tuple[list[Turn], st
 
 
 def build_prompt(
-    request: PromptRequest, template: ConvTemplate, *, numbering: str | None = None
+    request: PromptRequest,
+    template: ConvTemplate,
+    *,
+    numbering: str | None = None,
+    with_images: bool = False,
 ) -> str:
     """The prompt to send: ``request.prompt`` verbatim on the completion path (``prompt`` given
     and no messages or ``chat_model: false``), else the messages rendered with the worker's
     conversation template. ``numbering`` picks the ``sep_style`` table ("0.2.36", "main", or
-    None to detect it; see ``render_prompt``). A template that cannot be rendered raises
-    ``UnknownSeparatorStyle`` or ``InvalidReply``."""
+    None to detect it; see ``render_prompt``). ``with_images``: the request's images go to the
+    worker, so they are marked in the prompt where FastChat marks them. A template that cannot
+    be rendered raises ``UnknownSeparatorStyle`` or ``InvalidReply``."""
     if request.prompt is not None and request.is_completion:
         return request.prompt
-    turns, system = conversation_turns(request.messages)
+    try:
+        mark = with_images and places_images(template.raw(), numbering=numbering)
+    except ValueError:
+        mark = False  # render_prompt below reports the unusable template
+    turns, system = conversation_turns(request.messages, mark_images=mark)
     try:
         return render_prompt(template.raw(), turns, system, numbering=numbering)
     except ProtocolError:
@@ -124,6 +140,30 @@ def _message_text(message: ModelMessage) -> str:
             raise InvalidRequest("a text part must carry a string", field="messages.content")
         parts.append(part.object.data)
     return _join(parts)
+
+
+def request_images(request: PromptRequest) -> list[str]:
+    """The images of the request's ``human`` messages, in order, in the form FastChat's
+    ``openai_api_server`` sends as ``images`` (§3.3): a URL as given (``http(s):`` or
+    ``data:``), base64 data as a ``data:`` URL. The completion path has none."""
+    if request.is_completion:
+        return []
+    return [url for m in request.messages if m.role == "human" for url in _images(m)]
+
+
+def _images(message: ModelMessage) -> list[str]:
+    if isinstance(message.content, str):
+        return []
+    urls = []
+    for part in message.content:
+        data, fmt = part.object.data, part.object.format or ""
+        if part.type != "image" or not isinstance(data, str) or not data:
+            continue
+        kind, _, mime = fmt.partition("@")  # DB-GPT: "url", "base64@image/jpeg"…
+        if kind == "base64" and not data.startswith("data:"):
+            data = f"data:{mime or 'image/jpeg'};base64,{data}"
+        urls.append(data)
+    return urls
 
 
 def _join(parts: Sequence[str]) -> str:
@@ -159,6 +199,7 @@ def plan_generation(
     prompt_tokens: int,
     default_temperature: float,
     reasoning: ReasoningMode = "pass",
+    images: Sequence[str] = (),
 ) -> GenerationPlan:
     """FastChat generation parameters for ``request`` (§9.2), with ``openai_api_server``'s
     semantics where DB-GPT's differ.
@@ -181,6 +222,8 @@ def plan_generation(
       the rendered template.
     - ``model`` is always set; DB-GPT-only keys (``span_id``, ``context_len``, ``user``…) are
       not forwarded. ``context_length`` comes from the worker, not the request's ``context_len``.
+    - ``images``: sent as FastChat's ``images`` (only for a multimodal worker; see
+      ``request_images``); omitted when empty.
     - ``reasoning``: the ``--reasoning`` mode; the plan carries the rule for this model and
       prompt (``ReasoningRule.for_request``).
     """
@@ -202,6 +245,7 @@ def plan_generation(
         stop=stops or None,
         stop_token_ids=request.stop_token_ids or template.stop_token_ids or None,
         echo=False,
+        images=list(images) or None,
     )
     echo = request.prompt if request.is_completion and request.echo else None
     rule = ReasoningRule.for_request(

@@ -35,6 +35,7 @@ class FastChatController:
     models: list[str]
     address: str | None = None  # what /get_worker_address answers; None: the worker's URL
     asked: list[str] = field(default_factory=list)
+    multimodal: list[str] | None = None  # None: no /list_multimodal_models (older FastChat)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -46,6 +47,13 @@ class FastChatController:
         @app.post("/worker_get_status")
         async def status() -> dict[str, Any]:
             return {"model_names": sorted(self.models), "speed": 1, "queue_length": 0}
+
+        if self.multimodal is not None:
+            listed = self.multimodal
+
+            @app.post("/list_multimodal_models")
+            async def list_multimodal_models() -> dict[str, Any]:
+                return {"models": listed}
 
         @app.post("/get_worker_address")
         async def get_worker_address(request: Request) -> dict[str, Any]:
@@ -108,3 +116,20 @@ async def test_an_empty_dispatch_answer_is_no_worker(
     assert frames[0]["error_code"] == 50005
     assert controller.asked == [MODEL]
     assert worker.bodies(UPSTREAM_STREAM) == []
+
+
+async def test_models_the_fastchat_controller_lists_as_multimodal_get_images(
+    fake_worker: Callable[..., FakeWorker], serve_app: Callable[..., LoopbackServer]
+) -> None:
+    """Its /list_multimodal_models (workers registered with `multimodal`) makes the adapter
+    send images on; a controller without that route (the double above) means none."""
+    worker = fake_worker()
+    controller = FastChatController(worker.url, [MODEL], multimodal=[MODEL])
+    fastchat = serve_app(controller.app())
+    image = {"type": "image", "object": {"data": "http://a/cat.png", "format": "url"}}
+    text = {"type": "text", "object": {"data": "Hello", "format": "text"}}
+    body = chat() | {"messages": [{"role": "human", "content": [text, image]}]}
+    async with serving(settings(fastchat_controller_address=fastchat.url)) as adapter:
+        status, _ = await stream(adapter.client, body)
+    assert status == 200
+    assert worker.bodies(UPSTREAM_STREAM)[0]["images"] == ["http://a/cat.png"]

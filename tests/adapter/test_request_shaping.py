@@ -251,3 +251,50 @@ async def test_one_failing_embeddings_call_fails_the_request() -> None:
         )
     assert reply.status_code == 500
     assert reply.json()["detail"] == f"FastChat worker {WORKER}: in_band: CUDA out of memory"
+
+
+# --- images (issue 10 part 4) ------------------------------------------------------------
+
+VICUNA: dict[str, Any] = {**ZERO_SHOT, "name": "vicuna_v1.1", "roles": ["USER", "ASSISTANT"],
+                          "sep_style": 2, "sep": " ", "sep2": "</s>", "stop_str": None}  # fmt: skip
+IMAGE_URL = "https://example.invalid/cat.png"
+IMAGE_CHAT = {
+    "model": "m",
+    "messages": [
+        {
+            "role": "human",
+            "content": [
+                {"type": "text", "object": {"data": "What is this?", "format": "text"}},
+                {"type": "image", "object": {"data": IMAGE_URL, "format": "url"}},
+                {"type": "image", "object": {"data": "iVBORw0K", "format": "base64@image/png"}},
+            ],
+        }
+    ],
+    "echo": False,
+    "max_new_tokens": 4,
+}
+
+
+async def test_images_for_a_worker_not_known_to_take_them_are_dropped_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with mocked(VICUNA) as (client, mock):
+        with caplog.at_level("WARNING", logger="fastchat_adapter.relay"):
+            await frames(client, IMAGE_CHAT)
+        metrics = (await client.get("/metrics")).text
+        body = sent(mock, "stream")
+    assert "images" not in body and "$$<image>$$" not in body["prompt"]
+    assert 'fastchat_adapter_images_dropped_total{model="m"} 2.0' in metrics
+    warnings = [r for r in caplog.records if "image(s) dropped" in r.getMessage()]
+    assert len(warnings) == 1  # once per request
+
+
+async def test_images_go_to_a_multimodal_worker_as_fastchat_sends_them() -> None:
+    """--multimodal-models: `images` as FastChat's openai_api_server builds it (URLs, base64
+    as data URLs) and one placeholder per image before the user's text (0.2.36, Vicuna style)."""
+    async with mocked(VICUNA, multimodal_models=["m"]) as (client, mock):
+        await frames(client, IMAGE_CHAT)
+        body = sent(mock, "stream")
+    assert body["images"] == [IMAGE_URL, "data:image/png;base64,iVBORw0K"]
+    expected = render_prompt(VICUNA, [(0, "$$<image>$$$$<image>$$What is this?"), (1, None)])
+    assert body["prompt"] == expected

@@ -29,6 +29,7 @@ from protocol.translate import (
     model_metadata,
     normalize_finish_reason,
     plan_generation,
+    request_images,
     translate_reply,
 )
 from tests.protocol.helpers import GOLDEN_FILES, GoldenCase, golden_cases
@@ -479,3 +480,62 @@ def test_model_metadata_9_1() -> None:
     assert model_metadata("vicuna", 2048, template("vicuna_v1.1")).to_wire() == expected
     no_sep = model_metadata("vicuna", 2048).to_wire()
     assert no_sep["ext_metadata"]["prompt_sep"] == "\n"
+
+
+# --- images -------------------------------------------------------------------------------
+
+
+def test_request_images_are_fastchat_image_urls_of_human_messages() -> None:
+    def image(data: object, fmt: str) -> dict[str, Any]:
+        return {"type": "image", "object": {"data": data, "format": fmt}}
+
+    request = PromptRequest.from_wire(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": [image("http://sys/x.png", "url")]},
+                {
+                    "role": "human",
+                    "content": [
+                        image("http://a/x.png", "url@image/png"),
+                        image("QUJD", "base64@image/webp"),
+                        image("data:image/gif;base64,R0lG", "base64"),
+                        image("QUJD", "base64"),
+                        image(None, "binary@image/png"),
+                        {"type": "text", "object": {"data": "hi", "format": "text"}},
+                    ],
+                },
+            ],
+        }
+    )
+    assert request_images(request) == [
+        "http://a/x.png",
+        "data:image/webp;base64,QUJD",
+        "data:image/gif;base64,R0lG",
+        "data:image/jpeg;base64,QUJD",
+    ]
+    completion = PromptRequest.from_wire({"model": "m", "prompt": "x", "chat_model": False})
+    assert request_images(completion) == []
+
+
+def test_image_placeholders_only_where_fastchat_0_2_36_puts_them() -> None:
+    request = PromptRequest.from_wire(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "human",
+                    "content": [
+                        {"type": "image", "object": {"data": "http://a", "format": "url"}},
+                        {"type": "text", "object": {"data": "Hi", "format": "text"}},
+                    ],
+                }
+            ],
+        }
+    )
+    vicuna = template("vicuna_v1.1")
+    marked = build_prompt(request, vicuna, with_images=True)
+    assert "USER: $$<image>$$Hi ASSISTANT:" in marked
+    assert "$$<image>$$" not in build_prompt(request, vicuna)
+    plain = template("zero_shot")  # ADD_COLON_SINGLE: 0.2.36 marks no images there
+    assert "$$<image>$$" not in build_prompt(request, plain, with_images=True)
