@@ -28,6 +28,11 @@ The lifecycle, in order:
    instance is deleted with ``remove_from_registry=true`` on every controller, concurrently,
    each call bounded by a short timeout.
 
+With ``--controller-mode failover`` the controllers share one registry database and are one
+link (``FailoverController``): each call goes to one of them, the next on failure. Models that
+``dbgpt model stop`` took out (``stop_model``) stay out of registers and heartbeats until
+``start_model``.
+
 ``registered_everywhere`` (readiness): every live instance is registered on every controller,
 except controllers whose last call failed, and on at least one. So a single controller down at
 start keeps the adapter not-ready; with several, an unreachable one does not block readiness
