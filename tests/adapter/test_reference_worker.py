@@ -486,6 +486,19 @@ def test_cli_options_build_the_config(tmp_path: Path) -> None:
     assert config_from_args(parser.parse_args([])) == ReferenceWorkerConfig()
 
 
+def test_a_scripted_answer_in_order(tmp_path: Path) -> None:
+    """--script with --in-order: every reply is the script from its first word (the reasoning
+    interop tests drive DB-GPT with think blocks this way)."""
+    parser = argparse.ArgumentParser()
+    add_reference_worker_arguments(parser)
+    ns = parser.parse_args(
+        ["--script", "<think> {a} </think> 42", "--in-order", "--eos-after", "4"]
+    )
+    model = config_from_args(ns).model
+    for prompt in ("one prompt", "another"):
+        assert model.decode(model.reply(prompt, 10)) == "<think> {a} </think> 42"
+
+
 @pytest.mark.parametrize(
     "settings",
     [{"model_names": ()}, {"limit_worker_concurrency": 0}, {"stream_interval": 0},
