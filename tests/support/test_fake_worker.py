@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -22,11 +21,11 @@ from tests.support.fake_worker import (
     MalformedFrame,
     NewlineFraming,
     NoFinalChunk,
+    StartFake,
     slow_first_token,
 )
 from tests.support.worker_client import connect, split_frames, stream_raw, wait_for_queue_length
 
-StartFake = Callable[..., FakeWorker]
 BODY = {"model": "m", "prompt": "USER: hi ASSISTANT:", "max_new_tokens": 6, "echo": False}
 STREAM = "/worker_generate_stream"
 
