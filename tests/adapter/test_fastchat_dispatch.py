@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from tests.adapter._worker_api import (
+from tests.adapter.helpers import (
     MODEL,
     UPSTREAM_STREAM,
     chat,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tests.adapter._worker_api import chat, serving, settings, stream
+from tests.adapter.helpers import chat, serving, settings, stream
 from tests.support.fake_worker import FakeWorker, Hang
 from tests.support.worker_client import connect, wait_for_queue_length
 

@@ -14,7 +14,7 @@ import pytest
 
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from adapter.tools.scripted_model import SERVER_ERROR_MSG
-from tests.adapter._worker_api import (
+from tests.adapter.helpers import (
     MODEL,
     STREAM,
     UPSTREAM_STREAM,

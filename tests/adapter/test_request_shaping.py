@@ -17,7 +17,7 @@ import respx
 from adapter.app import create_app
 from adapter.embeddings import CONCURRENCY
 from protocol.conversation import render_prompt
-from tests.adapter._worker_api import STREAM, settings, split
+from tests.adapter.helpers import STREAM, settings, split
 
 WORKER = "http://fastchat-worker:21002"
 # FastChat's zero_shot template (sep_style 1, stop_str "###"), §1.9 and §4.4.

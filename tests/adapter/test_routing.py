@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable
 
 from adapter.tools.reference_worker import ReferenceWorkerConfig
-from tests.adapter._worker_api import (
+from tests.adapter.helpers import (
     STREAM,
     UPSTREAM_STREAM,
     chat,

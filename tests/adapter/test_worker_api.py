@@ -11,7 +11,7 @@ import pytest
 
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from adapter.tools.scripted_model import SERVER_ERROR_MSG
-from tests.adapter._worker_api import MODEL, calls, chat, serving, settings, vicuna_prompt
+from tests.adapter.helpers import MODEL, calls, chat, serving, settings, vicuna_prompt
 from tests.support.fake_worker import FakeWorker, Hang, HttpError
 
 StartFake = Callable[..., FakeWorker]
