@@ -1,4 +1,5 @@
-"""``fastchat-adapter check``: exit codes against real loopback workers, good and broken."""
+"""``adapter/tools/check*.py``, run as ``fastchat-adapter check`` (through ``adapter.cli.main``):
+exit codes and reports against real loopback workers, good and broken, FastChat and DB-GPT."""
 
 from __future__ import annotations
 
