@@ -30,6 +30,7 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter.app import create_app
+from adapter.cli import build_parser, settings_from_args
 from adapter.runtime import VERSION, Runtime
 from adapter.settings import Settings
 from tests.support.fake_controller import Call, FakeController
@@ -61,6 +62,7 @@ __all__ = [
     "metric_value",
     "mocked_worker",
     "only_error",
+    "parse_serve",
     "running",
     "sample",
     "sent",
@@ -141,6 +143,11 @@ def settings_for(*workers: str, brisk: bool = False, **values: Any) -> Settings:
     if brisk:
         base["keepalive_interval"] = QUIET["keepalive_interval"]
     return Settings(**(base | values))
+
+
+def parse_serve(*argv: str) -> Settings:
+    """The settings ``fastchat-adapter serve *argv`` would run with."""
+    return settings_from_args(build_parser().parse_args(["serve", *argv]))
 
 
 def free_port() -> int:
