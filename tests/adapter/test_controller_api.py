@@ -33,12 +33,6 @@ KEYS = list(CAP_BODY)
 
 
 @pytest.fixture
-def controller() -> Iterator[FakeController]:
-    with FakeController() as fake:
-        yield fake
-
-
-@pytest.fixture
 def http(controller: FakeController) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=controller.url, trust_env=False, timeout=5) as client:
         yield client
