@@ -13,7 +13,7 @@ import pytest
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
-    from tests.support.fake_worker import FakeWorker
+    from tests.support.fake_worker import FakeWorker, StartFake
     from tests.support.servers import LoopbackServer
 
 
@@ -36,7 +36,7 @@ def serve_app() -> Iterator[Callable[..., LoopbackServer]]:
 
 
 @pytest.fixture
-def fake_worker() -> Iterator[Callable[..., FakeWorker]]:
+def fake_worker() -> Iterator[StartFake]:
     """``fake_worker(config=None, **options)`` starts a ``FakeWorker``; all stop at teardown."""
     from tests.support.fake_worker import FakeWorker
 

@@ -158,7 +158,7 @@ def test_service_command_matches_the_interop_suite(compose: dict[str, Any], name
 
 
 def test_dbgpt_config_has_the_interop_suite_keys(compose: dict[str, Any]) -> None:
-    """One TOML, same tables and keys as the one the suite writes (PEERS.md §2.2)."""
+    """One TOML, same tables and keys as the one the suite writes (docs/peers.md §2.2)."""
     ours = tomllib.loads(compose["configs"]["dbgpt-cluster"]["content"])
     theirs = tomllib.loads(
         dbgpt_toml(
@@ -178,7 +178,7 @@ def test_dbgpt_config_has_the_interop_suite_keys(compose: dict[str, Any]) -> Non
 
 def test_adapter_heartbeats_well_within_the_controller_timeout(compose: dict[str, Any]) -> None:
     """Timing differs by design, but in both places the adapter heartbeats at least three
-    times per DB-GPT heartbeat timeout (PEERS.md §2.5)."""
+    times per DB-GPT heartbeat timeout (docs/peers.md §2.5)."""
     command = compose["services"]["adapter"]["command"]
     settings = settings_from_args(build_parser().parse_args(command))
     config = tomllib.loads(compose["configs"]["dbgpt-cluster"]["content"])
@@ -199,7 +199,7 @@ def test_adapter_command_is_valid_for_the_adapter_cli(compose: dict[str, Any]) -
 
 
 def test_peer_commands_use_the_interop_programs_and_flags(compose: dict[str, Any]) -> None:
-    """Same programs and flags as tests/interop (PEERS.md §2.3, §3.4); values are per host."""
+    """Same programs and flags as tests/interop (docs/peers.md §2.3, §3.4); values are per host."""
     services = compose["services"]
     controller = services["fastchat-controller"]["command"]
     assert controller[:3] == ["python", "-m", "fastchat.serve.controller"]

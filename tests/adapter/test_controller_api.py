@@ -1,5 +1,5 @@
 """The standalone controller API over a real socket, against DB-GPT 0.8.2's measured shapes
-(PROTOCOLS.md §5.2, §5.5)."""
+(docs/protocol.md §5.2, §5.5)."""
 
 from __future__ import annotations
 
@@ -30,12 +30,6 @@ CLIENT_DELETE_QUERY = (
     "&enabled=true&prompt_template=&last_heartbeat=&remove_from_registry=true"
 )
 KEYS = list(CAP_BODY)
-
-
-@pytest.fixture
-def controller() -> Iterator[FakeController]:
-    with FakeController() as fake:
-        yield fake
 
 
 @pytest.fixture

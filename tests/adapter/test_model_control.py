@@ -4,25 +4,24 @@ effect) and a fake FastChat worker on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from adapter.model_control import UNTOUCHED
 from adapter.registration import SERVICE_KEY
-from tests.adapter._worker_api import (
+from tests.adapter.helpers import (
     MODEL,
     Adapter,
-    calls,
+    StartFake,
     chat,
     eventually,
     serving,
-    settings,
+    settings_for,
+    upstream_paths,
 )
 from tests.support.fake_worker import FakeWorker
 
-StartFake = Callable[..., FakeWorker]
 KEY = f"{MODEL}@llm"
 HEARTBEATS = "fastchat_adapter_heartbeats_total"
 
@@ -49,7 +48,9 @@ def _health(adapter: Adapter) -> bool | None:
 
 def _lively(fake: FakeWorker) -> Any:
     # Fast heartbeats, and the service entry, so heartbeats go on while the model is stopped.
-    return settings(fake.url, heartbeat_interval=0.05, status_interval=0.05, register_service=True)
+    return settings_for(
+        fake.url, heartbeat_interval=0.05, status_interval=0.05, register_service=True
+    )
 
 
 async def _heartbeats_pass(adapter: Adapter, count: int = 3) -> None:
@@ -95,7 +96,7 @@ async def test_restart_drops_the_cached_template_and_registers_again(
     assert reply.json()["success"] is True
     assert reply.json()["message"].startswith(f"restarted {KEY}: deregistered, cached template")
     # Fetched again after the restart: the cache was dropped.
-    assert calls(fake.requests).count("/worker_get_conv_template") == 2
+    assert upstream_paths(fake.requests).count("/worker_get_conv_template") == 2
 
 
 async def test_service_shutdown_and_startup(fake_worker: StartFake) -> None:
@@ -122,7 +123,7 @@ async def test_startup_and_shutdown_of_an_unknown_model_are_404(
     fake_worker: StartFake, path: str
 ) -> None:
     fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         reply = await adapter.client.post(path, json=_startup("nope"))
         bad = await adapter.client.post(path, json={"host": "h"})
     assert reply.status_code == 404
@@ -132,7 +133,7 @@ async def test_startup_and_shutdown_of_an_unknown_model_are_404(
 
 async def test_apply_refuses_what_it_cannot_do(fake_worker: StartFake) -> None:
     fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         update = await adapter.client.post("/api/worker/apply", json=_apply("update_params"))
         unknown = await adapter.client.post("/api/worker/apply", json=_apply("stop", "nope"))
         garbage = await adapter.client.post("/api/worker/apply", content=b"]")
@@ -145,7 +146,7 @@ async def test_apply_refuses_what_it_cannot_do(fake_worker: StartFake) -> None:
 async def test_parameter_descriptions_name_the_worker(fake_worker: StartFake) -> None:
     """What `dbgpt model start --help` builds its options from: one truthful parameter."""
     fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         known = await adapter.client.get(
             "/api/worker/parameter/descriptions", params={"model": MODEL, "worker_type": "llm"}
         )

@@ -1,4 +1,4 @@
-"""The standalone registry against DB-GPT's measured registry semantics (PROTOCOLS.md §5.3)."""
+"""The standalone registry against DB-GPT's measured registry semantics (docs/protocol.md §5.3)."""
 
 from __future__ import annotations
 

@@ -1,29 +1,20 @@
-"""One settings model, three sources: flags > environment > config file > defaults."""
+"""``adapter/settings.py``: one settings model, three sources: flags > environment > config file >
+defaults, comma lists, and what is refused (through the CLI, exit code 2 with one line)."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from adapter.cli import build_parser, main, settings_from_args
-from adapter.settings import ENV_PREFIX, Settings
+from adapter.cli import main
+from tests.adapter.helpers import parse_serve
 
 WORKER = ["--worker-address", "http://127.0.0.1:21002"]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's own FASTCHAT_ADAPTER_* variables must not leak into these tests."""
-    for name in list(os.environ):
-        if name.startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-
-
-def parse(*argv: str) -> Settings:
-    return settings_from_args(build_parser().parse_args(["serve", *argv]))
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def write_config(tmp_path: Path, table: dict[str, object], suffix: str = ".toml") -> Path:
@@ -37,7 +28,7 @@ def write_config(tmp_path: Path, table: dict[str, object], suffix: str = ".toml"
 
 
 def test_defaults() -> None:
-    settings = parse(*WORKER)
+    settings = parse_serve(*WORKER)
     assert settings.host == "127.0.0.1"  # loopback unless told otherwise
     assert settings.port == 8100
     assert settings.api_key is None
@@ -56,7 +47,7 @@ def test_precedence_flag_over_env_over_file_over_default(
     )
     monkeypatch.setenv("FASTCHAT_ADAPTER_PORT", "9002")
     monkeypatch.setenv("FASTCHAT_ADAPTER_HEARTBEAT_INTERVAL", "8")
-    settings = parse(*WORKER, "--config", str(config), "--port", "9003")
+    settings = parse_serve(*WORKER, "--config", str(config), "--port", "9003")
     assert settings.port == 9003  # flag beats env and file
     assert settings.heartbeat_interval == 8.0  # env beats file
     assert settings.log_level == "debug"  # file beats default
@@ -69,56 +60,29 @@ def test_config_file_table_and_dashes(tmp_path: Path) -> None:
     path.write_text(
         '[fastchat_adapter]\nworker-address = "http://a:1,http://b:2"\nregister-service = true\n'
     )
-    settings = parse("--config", str(path))
+    settings = parse_serve("--config", str(path))
     assert settings.worker_address == ["http://a:1", "http://b:2"]
     assert settings.register_service is True
 
 
 def test_comma_lists_from_every_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    flags = parse("--worker-address", "http://a:1/, http://b:2", "--worker-address", "http://c:3")
+    flags = parse_serve(
+        "--worker-address", "http://a:1/, http://b:2", "--worker-address", "http://c:3"
+    )
     assert flags.worker_address == ["http://a:1", "http://b:2", "http://c:3"]
 
     monkeypatch.setenv("FASTCHAT_ADAPTER_CONTROLLER_ADDRESS", "http://x:8000,http://y:8000/")
     monkeypatch.setenv("FASTCHAT_ADAPTER_MODEL_NAMES", "m1, m2")
-    env = parse(*WORKER)
+    env = parse_serve(*WORKER)
     assert env.controller_address == ["http://x:8000", "http://y:8000"]
     assert env.model_names == ["m1", "m2"]
     assert not env.standalone
 
     config = write_config(tmp_path, {"embedding_worker_address": ["http://e:1", "http://f:2"]})
-    assert parse("--config", str(config)).embedding_worker_address == ["http://e:1", "http://f:2"]
-
-
-def test_boolean_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert parse(*WORKER, "--register-service").register_service is True
-    monkeypatch.setenv("FASTCHAT_ADAPTER_REGISTER_SERVICE", "true")
-    assert parse(*WORKER, "--no-register-service").register_service is False
-
-
-@pytest.mark.parametrize(
-    ("argv", "env", "option"),
-    [
-        (["--port", "0"], {}, "--port"),
-        (["--port", "abc"], {}, "--port"),
-        (["--heartbeat-interval", "-1"], {}, "--heartbeat-interval"),
-        ([], {"FASTCHAT_ADAPTER_MAX_BODY_BYTES": "lots"}, "--max-body-bytes"),
-        ([], {"FASTCHAT_ADAPTER_DEFAULT_TEMPERATURE": "3"}, "--default-temperature"),
-    ],
-)
-def test_invalid_setting_exits_2_with_one_line_naming_it(
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-    argv: list[str],
-    env: dict[str, str],
-    option: str,
-) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert main(["serve", *WORKER, *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    assert option in err
-    assert ENV_PREFIX + option[2:].replace("-", "_").upper() in err
+    assert parse_serve("--config", str(config)).embedding_worker_address == [
+        "http://e:1",
+        "http://f:2",
+    ]
 
 
 def test_invalid_value_in_config_file_names_the_option(
@@ -148,28 +112,6 @@ def test_missing_upstream_and_missing_config_file(
     assert main(["serve", *WORKER, "--config", str(tmp_path / "absent.toml")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "absent.toml" in err
-
-
-def test_bad_choice_on_the_command_line_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["serve", *WORKER, "--log-format", "xml"])
-    assert exc.value.code == 2
-    assert "--log-format" in capsys.readouterr().err
-
-
-def test_serve_help_lists_every_setting_with_default_and_env(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["serve", "--help"])
-    assert exc.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for name in Settings.model_fields:
-        assert "--" + name.replace("_", "-") in text
-        assert ENV_PREFIX + name.upper() in text
-    assert "[default: '127.0.0.1'; env FASTCHAT_ADAPTER_HOST]" in text
-    assert "[default: 8100; env FASTCHAT_ADAPTER_PORT]" in text
-    assert text.count("[default:") >= len(Settings.model_fields)
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,11 @@
-"""The non-streaming worker API routes, against fake FastChat workers on loopback: generate,
-embeddings, count_token, model_metadata, and models/supports (start, stop and restart are in
-test_model_control.py)."""
+"""``adapter/worker_api.py``: DB-GPT's worker API routes, against fake FastChat workers on loopback:
+generate, embeddings (the route's refusals and statuses; the fan-out is ``test_embeddings.py``),
+count_token, model_metadata, models/supports, and the 422 of a generate_stream body that does not
+parse (start, stop and restart are in ``test_model_control.py``)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,10 +13,20 @@ import pytest
 from adapter.model_control import parameter_descriptions
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from adapter.tools.scripted_model import SERVER_ERROR_MSG
-from tests.adapter._worker_api import MODEL, calls, chat, serving, settings, vicuna_prompt
-from tests.support.fake_worker import FakeWorker, Hang, HttpError
+from tests.adapter.helpers import (
+    MODEL,
+    STREAM,
+    StartFake,
+    chat,
+    only_error,
+    serving,
+    settings_for,
+    split,
+    upstream_paths,
+    vicuna_prompt,
+)
+from tests.support.fake_worker import Hang, HttpError
 
-StartFake = Callable[..., FakeWorker]
 EMBED = "/worker_get_embeddings"
 
 
@@ -38,7 +48,7 @@ async def test_generate_returns_the_last_chunk_as_one_model_output(
     fake_worker: StartFake,
 ) -> None:
     fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         reply = await adapter.client.post("/api/worker/generate", json=chat(max_new_tokens=3))
     prompt = vicuna_prompt("Hi")
     tokens = fake.model.count_tokens(prompt)
@@ -48,7 +58,7 @@ async def test_generate_returns_the_last_chunk_as_one_model_output(
         "finish_reason": "length",
         "usage": {"prompt_tokens": tokens, "completion_tokens": 2, "total_tokens": tokens + 2},
     }
-    assert calls(fake.requests)[-2:] == ["/count_token", "/worker_generate"]
+    assert upstream_paths(fake.requests)[-2:] == ["/count_token", "/worker_generate"]
     assert fake.bodies("/worker_generate")[0]["echo"] is False
 
 
@@ -57,7 +67,7 @@ async def test_generate_errors_are_model_outputs_with_http_200(fake_worker: Star
     fake.fail_next(HttpError(), path="/worker_generate")
     in_band_body = json.dumps({"text": f"{SERVER_ERROR_MSG}\n\n(boom)", "error_code": 50001})
     fake.fail_next(HttpError(200, in_band_body.encode()), path="/worker_generate")
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         failed = await adapter.client.post("/api/worker/generate", json=chat())
         in_band = await adapter.client.post("/api/worker/generate", json=chat())
         unknown = await adapter.client.post("/api/worker/generate", json={**chat(), "model": "x"})
@@ -76,7 +86,7 @@ async def test_generate_is_bounded_by_the_generate_timeout_not_the_idle_timeout(
     # must not cut a 0.6 s generation short, while the generate timeout still bounds a hang.
     fake = fake_worker(ReferenceWorkerConfig(first_token_delay=0.6))
     fake.fail_next(Hang(5.0, after_chunks=None), path="/worker_generate")
-    config = settings(fake.url, idle_timeout=0.2, generate_timeout=1.0)
+    config = settings_for(fake.url, idle_timeout=0.2, generate_timeout=1.0)
     async with serving(config) as adapter:
         hung = await adapter.client.post("/api/worker/generate", json=chat(max_new_tokens=3))
         slow = await adapter.client.post("/api/worker/generate", json=chat(max_new_tokens=3))
@@ -88,7 +98,7 @@ async def test_generate_is_bounded_by_the_generate_timeout_not_the_idle_timeout(
 
 async def test_generate_invalid_body_is_422_naming_the_field(fake_worker: StartFake) -> None:
     fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         reply = await adapter.client.post(
             "/api/worker/generate", json={"model": MODEL, "prompt": "x", "top_k": 1.5}
         )
@@ -96,32 +106,44 @@ async def test_generate_invalid_body_is_422_naming_the_field(fake_worker: StartF
     assert reply.json()["detail"][0]["loc"] == ["body", "top_k"]
 
 
+# --- generate_stream: a body that does not parse is 422, as one error frame ---
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "code"),
+    [
+        ({"messages": [{"role": "human", "content": "Hi"}]}, "model", 40001),
+        ({"model": MODEL}, "messages", 40001),
+        ({"model": MODEL, "prompt": "Hi", "max_new_tokens": 0}, "max_new_tokens", 40302),
+        (
+            {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]},
+            "messages.0.role",
+            40001,
+        ),
+    ],
+)
+async def test_invalid_body_is_422_with_one_error_frame_naming_the_field(
+    fake_worker: StartFake, body: dict[str, Any], field: str, code: int
+) -> None:
+    fake = fake_worker()
+    async with serving(settings_for(fake.url)) as adapter:
+        reply = await adapter.client.post(STREAM, json=body)
+    assert reply.status_code == 422
+    frames, keepalives = split(reply.content)
+    assert keepalives == 0 and len(frames) == 1
+    only_error(frames, code, f"invalid request: {field}:")
+    assert upstream_paths(fake.requests) == []
+
+
+async def test_body_that_is_not_json_is_422(fake_worker: StartFake) -> None:
+    fake = fake_worker()
+    async with serving(settings_for(fake.url)) as adapter:
+        reply = await adapter.client.post(STREAM, content=b"{nope")
+    assert reply.status_code == 422
+    only_error(split(reply.content)[0], 40001, "not JSON")
+
+
 # --- /embeddings --------------------------------------------------------------------------
-
-
-async def test_embeddings_one_input_per_call_in_input_order(fake_worker: StartFake) -> None:
-    fake = fake_worker(ReferenceWorkerConfig(embedding_dim=4))
-    texts = ["first", "second text", "third one here", "4"]
-    async with serving(settings(fake.url)) as adapter:
-        reply = await adapter.client.post(
-            "/api/worker/embeddings", json={"model": MODEL, "input": texts, "span_id": "s"}
-        )
-    assert reply.status_code == 200
-    assert reply.json() == [fake.model.embed(text, 4) for text in texts]
-    bodies = fake.bodies(EMBED)
-    assert sorted(b["input"][0] for b in bodies) == sorted(texts)
-    assert all(b == {"model": MODEL, "input": b["input"]} and len(b["input"]) == 1 for b in bodies)
-
-
-async def test_embeddings_batches_when_configured(fake_worker: StartFake) -> None:
-    fake = fake_worker(ReferenceWorkerConfig(embedding_dim=4))
-    texts = [f"text {i}" for i in range(7)]
-    async with serving(settings(fake.url, embedding_batch_size=3)) as adapter:
-        reply = await adapter.client.post(
-            "/api/worker/embeddings", json={"model": MODEL, "input": texts}
-        )
-    assert reply.json() == [fake.model.embed(text, 4) for text in texts]
-    assert sorted(len(b["input"]) for b in fake.bodies(EMBED)) == [1, 3, 3]
 
 
 @pytest.mark.parametrize(
@@ -137,7 +159,7 @@ async def test_embeddings_bad_input_is_refused_before_sending(
     fake_worker: StartFake, body: dict[str, Any], field: str
 ) -> None:
     fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         reply = await adapter.client.post("/api/worker/embeddings", json=body)
     assert reply.status_code == 422
     loc = reply.json()["detail"][0]["loc"]
@@ -150,7 +172,7 @@ async def test_embeddings_bad_input_is_refused_before_sending(
 )
 async def test_rerank_is_a_clear_501(fake_worker: StartFake, extra: dict[str, Any]) -> None:
     fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         reply = await adapter.client.post(
             "/api/worker/embeddings", json={"model": MODEL, "input": ["a", "b"], **extra}
         )
@@ -164,7 +186,7 @@ async def test_embeddings_upstream_failure_is_500_naming_the_worker(
 ) -> None:
     fake = fake_worker()
     fake.fail_next(HttpError(), path=EMBED)
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         failed = await adapter.client.post(
             "/api/worker/embeddings", json={"model": MODEL, "input": ["a"]}
         )
@@ -177,24 +199,12 @@ async def test_embeddings_upstream_failure_is_500_naming_the_worker(
     assert unknown.json()["detail"] == f"unknown model 'nope'; served models: {MODEL}"
 
 
-async def test_embedding_workers_are_preferred(fake_worker: StartFake) -> None:
-    llm = fake_worker(ReferenceWorkerConfig(model_names=("shared",)))
-    text2vec = fake_worker(ReferenceWorkerConfig(model_names=("shared",), seed=7))
-    config = settings(llm.url, embedding_worker_address=[text2vec.url])
-    async with serving(config) as adapter:
-        reply = await adapter.client.post(
-            "/api/worker/embeddings", json={"model": "shared", "input": ["a"]}
-        )
-    assert reply.json() == [text2vec.model.embed("a", 16)]
-    assert llm.bodies(EMBED) == []
-
-
 # --- /count_token and /model_metadata -------------------------------------------------------
 
 
 async def test_count_token_with_and_without_model(fake_worker: StartFake) -> None:
     fake = fake_worker()
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         without = await adapter.client.post("/api/worker/count_token", json={"prompt": "a b c"})
         named = await adapter.client.post(
             "/api/worker/count_token", json={"model": MODEL, "prompt": "a b c d"}
@@ -211,7 +221,7 @@ async def test_count_token_without_model_when_several_are_served(
     fake_worker: StartFake,
 ) -> None:
     fake = fake_worker(ReferenceWorkerConfig(model_names=("a", "b"), route_by_model=True))
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         ambiguous = await adapter.client.post("/api/worker/count_token", json={"prompt": "x"})
         named = await adapter.client.post(
             "/api/worker/count_token", json={"model": "b", "prompt": "x"}
@@ -227,7 +237,7 @@ async def test_count_token_without_model_when_several_are_served(
 
 async def test_model_metadata(fake_worker: StartFake) -> None:
     fake = fake_worker(ReferenceWorkerConfig(context_length=4096))
-    async with serving(settings(fake.url)) as adapter:
+    async with serving(settings_for(fake.url)) as adapter:
         reply = await adapter.client.post("/api/worker/model_metadata", json={"model": MODEL})
         unknown = await adapter.client.post("/api/worker/model_metadata", json={"model": "x"})
     assert reply.json() == {
@@ -250,7 +260,7 @@ async def test_model_metadata(fake_worker: StartFake) -> None:
 async def test_models_supports_lists_every_served_model(fake_worker: StartFake) -> None:
     llm = fake_worker(ReferenceWorkerConfig(model_names=("b", "a")))
     text2vec = fake_worker(ReferenceWorkerConfig(model_names=("e",)))
-    config = settings(llm.url, embedding_worker_address=[text2vec.url], port=23456)
+    config = settings_for(llm.url, embedding_worker_address=[text2vec.url], port=23456)
     async with serving(config) as adapter:
         reply = await adapter.client.get("/api/worker/models/supports")
 

@@ -1,4 +1,4 @@
-"""Fixtures that run the real FastChat 0.2.36 and DB-GPT 0.8.2 programs (see shared/PEERS.md).
+"""Fixtures that run the real FastChat 0.2.36 and DB-GPT 0.8.2 programs (see docs/peers.md).
 
 Session fixtures (started once, in parallel, as soon as the session knows it needs them):
     peers            Peers: .fastchat / .dbgpt venvs (.python, .bin(name)), .models
@@ -10,7 +10,7 @@ Session fixtures (started once, in parallel, as soon as the session knows it nee
     dbgpt_cluster    DbgptCluster: .controller_url .api_url .config_path .home .pids,
                      .restart_controller() / .stop_controller() / .start_controller(),
                      .model_list(), .dbgpt(*args); Procs .controller .apiserver
-    dbgpt075_cluster DbgptCluster of DB-GPT 0.7.5 (PEERS.md §2.7): same TOML and commands, from
+    dbgpt075_cluster DbgptCluster of DB-GPT 0.7.5 (docs/peers.md §2.7): same TOML and commands, from
                      its own venv (peers.DBGPT_075), built and started only when a test asks
                      for it (test_dbgpt_075.py)
 Function fixtures:

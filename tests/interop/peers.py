@@ -124,7 +124,7 @@ DBGPT = EnvSpec(
     smoke=_dbgpt_smoke("0.8.2"),
 )
 
-# A second DB-GPT leg (PEERS.md §2.7): dbgpt-serve has no 0.7.x on PyPI, 0.8.0 works with it.
+# A second DB-GPT leg (docs/peers.md §2.7): dbgpt-serve has no 0.7.x on PyPI, 0.8.0 works with it.
 # Built only when a test asks for it (the `dbgpt075_cluster` fixture, test_dbgpt_075.py).
 DBGPT_075 = EnvSpec(
     name="dbgpt-0.7.5",

@@ -1,4 +1,4 @@
-"""A recording reverse proxy in front of a FastChat worker (PEERS.md §4 "Recording proxy").
+"""A recording reverse proxy in front of a FastChat worker (docs/peers.md §4 "Recording proxy").
 
 Register the proxy's URL as the worker's `--worker-address` (or give it to the adapter as its
 `--worker-address`) and every request body the worker receives is kept, in arrival order, with
@@ -6,7 +6,7 @@ the path it was sent to. Responses are relayed chunk by chunk as they arrive, so
 their timing. It may re-chunk bodies and drops hop-by-hop headers: assert no headers through it.
 
 Limitation: when the worker is unreachable uvicorn answers 500 for the proxy, and FastChat's
-openai_api_server caches a failed `/worker_get_conv_template` answer for its lifetime (PEERS.md
+openai_api_server caches a failed `/worker_get_conv_template` answer for its lifetime (docs/peers.md
 §3.7 item 2). Use it only in front of a worker that stays up.
 """
 

@@ -1,6 +1,6 @@
 """The real peers as process groups: FastChat (controller, workers, openai_api_server) and a
 DB-GPT model cluster (controller + apiserver). Start orders, flags and readiness routes follow
-shared/PEERS.md §2.3 and §3.4; every process binds 127.0.0.1 on a port picked at start.
+docs/peers.md §2.3 and §3.4; every process binds 127.0.0.1 on a port picked at start.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def fastchat_worker_argv(
 
 
 def dbgpt_argv(dbgpt: str, kind: str, config: str) -> list[str]:
-    """`kind`: controller or apiserver; both read one TOML (PEERS.md §2.2, §2.3)."""
+    """`kind`: controller or apiserver; both read one TOML (docs/peers.md §2.2, §2.3)."""
     return [dbgpt, "start", kind, "-c", config]
 
 
@@ -97,7 +97,7 @@ def dbgpt_toml(
     host: str = LOOPBACK,
     registry: Mapping[str, object] | None = None,
 ) -> str:
-    """The TOML both DB-GPT processes read (PEERS.md §2.2). No `controller_port`: only the
+    """The TOML both DB-GPT processes read (docs/peers.md §2.2). No `controller_port`: only the
     apiserver's table (standalone mode, `controller_addr` pointing at the adapter). `registry`:
     the controller's registry database (`type` sqlite or mysql and its keys), for HA."""
     lines = []
@@ -124,7 +124,7 @@ def dbgpt_toml(
     return "\n".join(lines)
 
 
-# DB-GPT controllers in the suite: shortened from 20/60 s (PEERS.md §2.5).
+# DB-GPT controllers in the suite: shortened from 20/60 s (docs/peers.md §2.5).
 DBGPT_HEARTBEAT_INTERVAL_S = 5
 DBGPT_HEARTBEAT_TIMEOUT_S = 15
 # Timing of the adapter in the suite: the DB-GPT controllers' timeout (15 s) is many
@@ -161,7 +161,7 @@ def adapter_argv(
 
 
 def interop_commands() -> dict[str, list[str]]:
-    """The standard topology's commands (PEERS.md §5), keyed by compose.yaml's service names,
+    """The standard topology's commands (docs/peers.md §5), keyed by compose.yaml's service names,
     with placeholder values: programs by their bare names (`python`, `dbgpt`,
     `fastchat-adapter`), `<...>` for hosts, ports, URLs and paths."""
     fastchat_controller = "http://<fastchat-controller>:<port>"
@@ -215,7 +215,7 @@ class FastChatWorker(Proc):
         worker_address: str | None = None,
     ) -> None:
         """`worker_address`: what it registers as (default: its own URL); e.g. a recording
-        proxy in front of it (PEERS.md §4)."""
+        proxy in front of it (docs/peers.md §4)."""
         self.model_name = model_name
         self.model_path = model_path
         self.controller_url = controller_url
@@ -312,7 +312,7 @@ class FastChatStack:
             self.register_workers()
 
     def restart_openai(self) -> None:
-        """openai_api_server caches template errors for its lifetime (PEERS.md §3.7 item 2)."""
+        """openai_api_server caches template errors for its lifetime (docs/peers.md §3.7 item 2)."""
         self.openai.restart(same_port=True)
 
     def stop(self) -> None:
@@ -456,7 +456,7 @@ class DbgptCluster:
         )
 
     def model_list(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """`dbgpt model --address <controller> list [args]` (PEERS.md §2.6)."""
+        """`dbgpt model --address <controller> list [args]` (docs/peers.md §2.6)."""
         return self.dbgpt("model", "--address", self.controller_url, "list", *args)
 
     def revive(self) -> None:
@@ -481,7 +481,7 @@ def start_dbgpt_cluster(
     registry: Mapping[str, object] | None = None,
 ) -> DbgptCluster:
     """Start a controller, then an apiserver. With `controller_addr`, start only an apiserver
-    pointed at that address (standalone mode, PEERS.md §5 item 10). `registry`: the
+    pointed at that address (standalone mode, docs/peers.md §5 item 10). `registry`: the
     controller's registry database (see `dbgpt_toml`)."""
     home = run.path / f"{name}-home"
     home.mkdir(exist_ok=True)

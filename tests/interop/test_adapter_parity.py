@@ -1,6 +1,6 @@
 """Issue #6 scenarios 2 and 3: answer parity at temperature 0 between FastChat's own
 openai_api_server and DB-GPT's apiserver routed through the adapter, with the prompts the
-worker receives compared too (PEERS.md §5 items 2-3).
+worker receives compared too (docs/peers.md §5 items 2-3).
 
 Topology (one per module): a dedicated tiny-vicuna worker served as `parity-vicuna`, behind two
 recording proxies (tests/interop/recording_proxy.py). The worker registers with FastChat's
@@ -11,9 +11,9 @@ The rig and the checks are plain functions (`parity_rig`, `parity_rigs`, `check_
 test_dbgpt_075.py runs a subset of them against a DB-GPT 0.7.5 cluster, and
 test_template_parity.py against workers started with other conversation templates.
 
-Both sides get `temperature: 0`. DB-GPT's apiserver drops a 0 (PROTOCOLS.md §8.2), so the
+Both sides get `temperature: 0`. DB-GPT's apiserver drops a 0 (docs/protocol.md §8.2), so the
 adapter sees none and applies its documented default, 0.0 (greedy); FastChat's server forwards
-0.0, greedy below 1e-5 (PEERS.md §3.6). Both are checked on the recorded worker bodies.
+0.0, greedy below 1e-5 (docs/peers.md §3.6). Both are checked on the recorded worker bodies.
 Stream is compared with stream and non-stream with non-stream: both OpenAI layers strip U+FFFD
 from stream deltas only.
 """

@@ -1,5 +1,5 @@
 """Issue #6 scenarios 1, 8, 9 and 10: the adapter's registration lifecycle against the real
-DB-GPT 0.8.2 controller and apiserver (PEERS.md §5).
+DB-GPT 0.8.2 controller and apiserver (docs/peers.md §5).
 
 The adapter is the real `fastchat-adapter serve`, fronting the shared FastChat workers, with a
 1 s heartbeat and a 0.5 s status poll (stacks.ADAPTER_*); the DB-GPT controllers use 5/15 s.

@@ -1,5 +1,5 @@
 """Issue #6 scenarios 4-7: what the adapter serves to DB-GPT, against the real programs
-(PEERS.md §5 items 4-7): embeddings, DB-GPT's own client, both ecosystems on one worker at
+(docs/peers.md §5 items 4-7): embeddings, DB-GPT's own client, both ecosystems on one worker at
 once, and a worker killed mid-stream.
 """
 

@@ -1,4 +1,4 @@
-"""The DB-GPT 0.7.5 leg (PEERS.md §2.7): scenarios 1-3 against a 0.7.5 controller and
+"""The DB-GPT 0.7.5 leg (docs/peers.md §2.7): scenarios 1-3 against a 0.7.5 controller and
 apiserver, with the scenario bodies of test_adapter_registration.py and test_adapter_parity.py.
 
 The 0.7.5 venv (peers.DBGPT_075, lock tests/interop/locks/dbgpt-0.7.5.txt) is built and its

@@ -1,4 +1,4 @@
-"""The harness itself: the real peers start, answer, stop and restart as PEERS.md says."""
+"""The harness itself: the real peers start, answer, stop and restart as docs/peers.md says."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The template leg of scenarios 2 and 3: chat and completions parity (test_adapter_parity.py's
 checks, unchanged) against dedicated tiny-vicuna workers started with `--conv-template NAME`, so
 prompts are built with separator styles other than vicuna_v1.1's ADD_COLON_TWO
-(PROTOCOLS.md §3.2-§3.4, §4.3-§4.4).
+(docs/protocol.md §3.2-§3.4, §4.3-§4.4).
 
 One module-scoped set of rigs (`parity_rigs`): a worker per template, started in parallel, each
 behind its own two recording proxies, and one adapter serving them all, registered with the

@@ -1,4 +1,4 @@
-"""protocol/conversation.py against FastChat's own get_prompt() output and PROTOCOLS.md §4."""
+"""protocol/conversation.py against FastChat's own get_prompt() output and docs/protocol.md §4."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_golden_files_cover_every_style(version: str, table: Any) -> None:
 
 # --- §4.1 numbering tables ----------------------------------------------------------------------
 
-# name: (fschat 0.2.36, main since 2024-04-23), copied from PROTOCOLS.md §4.1.
+# name: (fschat 0.2.36, main since 2024-04-23), copied from docs/protocol.md §4.1.
 SECTION_4_1 = {
     "ADD_COLON_SINGLE": (1, 1),
     "ADD_COLON_TWO": (2, 2),

@@ -1,4 +1,4 @@
-"""protocol/dbgpt.py against the DB-GPT payloads captured in PROTOCOLS.md §5–§9."""
+"""protocol/dbgpt.py against the DB-GPT payloads captured in docs/protocol.md §5–§9."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""protocol/fastchat.py against the FastChat payloads captured in PROTOCOLS.md §1–§3."""
+"""protocol/fastchat.py against the FastChat payloads captured in docs/protocol.md §1–§3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""protocol/ is pure: it imports no HTTP, server or event-loop library (STYLE.md, h11)."""
+"""protocol/ is pure: it imports no HTTP, server or event-loop library (in the spirit of h11)."""
 
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -60,6 +61,7 @@ __all__ = [
     "NewlineFraming",
     "NoFinalChunk",
     "RecordedRequest",
+    "StartFake",
     "slow_first_token",
 ]
 
@@ -390,3 +392,8 @@ class FakeWorker:
         # After a _Stop with the body unfinished, uvicorn drops the connection (CloseMidStream).
         with contextlib.suppress(_Stop):
             await self.app(scope, exchange.receive, exchange.send)
+
+
+StartFake = Callable[..., FakeWorker]
+"""The type of the ``fake_worker`` fixture (``tests/conftest.py``): ``fake_worker(config=None,
+**options)`` starts a ``FakeWorker`` that stops at teardown."""

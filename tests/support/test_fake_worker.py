@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -22,11 +21,11 @@ from tests.support.fake_worker import (
     MalformedFrame,
     NewlineFraming,
     NoFinalChunk,
+    StartFake,
     slow_first_token,
 )
 from tests.support.worker_client import connect, split_frames, stream_raw, wait_for_queue_length
 
-StartFake = Callable[..., FakeWorker]
 BODY = {"model": "m", "prompt": "USER: hi ASSISTANT:", "max_new_tokens": 6, "echo": False}
 STREAM = "/worker_generate_stream"
 
@@ -149,9 +148,18 @@ async def test_slow_first_token_delays_the_first_chunk_not_the_headers(
     async with connect(fake.url) as client:
         started = time.monotonic()
         async with client.stream("POST", STREAM, json=BODY) as response:
-            headers_after = time.monotonic() - started
             arrivals = [time.monotonic() - started async for _ in response.aiter_bytes()]
-    assert headers_after < 0.3 <= arrivals[0]
+        assert arrivals[0] >= 0.3
+        # With the first chunk 30 s away the headers still come: a hang guard well under
+        # 30 s, not a measurement. Leaving ends the hang.
+        fake.fail_next(slow_first_token(30))
+        request = client.build_request("POST", STREAM, json=BODY)
+        try:
+            response = await asyncio.wait_for(client.send(request, stream=True), 10)
+        except TimeoutError:
+            raise AssertionError("the headers waited for the slow first token") from None
+        assert response.status_code == 200
+        await response.aclose()
 
 
 async def test_error_chunk_is_fastchats_in_band_error(fake_worker: StartFake) -> None:

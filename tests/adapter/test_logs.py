@@ -1,0 +1,65 @@
+"""``adapter/logs.py``: one handler and format for every logger (ours and uvicorn's), JSON or
+text lines, request ids, and the access log without the probes, on the real app in-process."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+from adapter.app import create_app
+from adapter.logs import setup_logging
+from tests.adapter.helpers import eventually, in_process, log_lines, settings_for, status_is
+from tests.support.servers import LoopbackServer
+
+PROBES = ("/livez", "/readyz", "/metrics")
+
+
+async def test_json_log_lines_parse_and_probes_stay_out_of_the_access_log(
+    ref_worker: LoopbackServer, json_log: io.StringIO
+) -> None:
+    app = create_app(settings_for(ref_worker.url, status_interval=0.05))
+    async with in_process(app) as client:
+        await eventually(lambda: status_is(client, "/readyz", 200), what="ready")
+        for path in PROBES:
+            assert (await client.get(path)).status_code == 200
+        reply = await client.get("/api/controller/models", headers={"x-request-id": "req-42"})
+        assert reply.headers["x-request-id"] == "req-42"
+        traced = {"db-gpt-trace-span-id": "trace1:span1"}
+        await client.get("/api/controller/models", headers=traced)
+        generated = (await client.get("/api/controller/models")).headers["x-request-id"]
+
+    lines = log_lines(json_log)  # every line is one JSON object
+    assert lines, "nothing was logged"
+    for line in lines:
+        assert {"ts", "level", "logger", "message", "request_id", "model"} <= set(line)
+    access = [line for line in lines if line["logger"] == "fastchat_adapter.access"]
+    assert [line["path"] for line in access] == ["/api/controller/models"] * 3
+    assert [line["request_id"] for line in access] == ["req-42", "trace1:span1", generated]
+    first = access[0]
+    assert first["method"] == "GET" and first["status"] == 200
+    assert isinstance(first["duration_ms"], float)
+    assert first["message"].startswith("GET /api/controller/models 200 ")
+    assert any(line["logger"] == "fastchat_adapter.pool" for line in lines)
+
+
+def test_uvicorn_logs_go_through_our_handler(json_log: io.StringIO) -> None:
+    stray = logging.StreamHandler(io.StringIO())
+    logging.getLogger("uvicorn.error").addHandler(stray)  # as uvicorn's own log config does
+    setup_logging("json", "info", json_log)
+    assert stray not in logging.getLogger("uvicorn.error").handlers
+    logging.getLogger("uvicorn.error").info("Uvicorn running", extra={"color_message": "ansi"})
+    [line] = log_lines(json_log)
+    assert line["logger"] == "uvicorn.error" and line["message"] == "Uvicorn running"
+    assert "color_message" not in line
+    logging.getLogger("httpx").info("HTTP Request: POST ...")  # status polls: too chatty
+    assert len(log_lines(json_log)) == 1
+
+
+def test_text_log_format_is_one_plain_line(json_log: io.StringIO) -> None:
+    stream = io.StringIO()
+    setup_logging("text", "info", stream)  # replaces the JSON handler of the fixture
+    logging.getLogger("fastchat_adapter.test").info("hello %s", "there", extra={"k": 1})
+    line = stream.getvalue()
+    assert line.count("\n") == 1
+    assert "INFO fastchat_adapter.test hello there k=1" in line
+    assert json_log.getvalue() == ""

@@ -1,0 +1,197 @@
+"""``adapter/server.py``: the SIGTERM order, against loopback fakes. First the in-process half
+(``Runtime.begin_shutdown``, what SIGTERM does first), then the real CLI under a signal.
+
+The order under test (adapter/server.py, adapter/registration.py): not ready, stop heartbeats,
+hard-delete everywhere while streams still run, drain, exit 0; nothing registers again
+afterwards. A second signal skips the drain but not the deregistration under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from adapter.app import create_app
+from adapter.runtime import Runtime
+from adapter.tools.reference_worker import ReferenceWorkerConfig
+from tests.adapter.helpers import (
+    DELETE,
+    HEARTBEAT,
+    REGISTER,
+    controller_calls,
+    eventually,
+    free_port,
+    hard_delete_query,
+    in_process,
+    settings_for,
+    until_listed,
+)
+from tests.support.fake_controller import Call, FakeController
+from tests.support.fake_worker import FakeWorker
+
+
+async def test_deregistered_while_a_stream_is_still_open(tiny: FakeWorker) -> None:
+    """Runtime.begin_shutdown is SIGTERM's first half: the hard delete must not wait for
+    streams (uvicorn drains them only afterwards), and the stream still ends normally."""
+    slow = ReferenceWorkerConfig(model_names=("slow",), tokens_per_second=20)
+    with FakeWorker(slow) as worker, FakeController() as fake:
+        config = settings_for(
+            brisk=True, worker_address=[worker.url], controller_address=[fake.url]
+        )
+        app = create_app(config)
+        runtime: Runtime = app.state.runtime
+        request = {"model": "slow", "messages": [{"role": "human", "content": "hi"}]}
+        request |= {"max_new_tokens": 30, "echo": False}
+        async with in_process(app) as client:
+            await until_listed(fake, {"slow@llm": True})
+            stream = asyncio.create_task(client.post("/api/worker/generate_stream", json=request))
+            await eventually(lambda: runtime.inflight.count > 0, what="a stream in flight")
+            await runtime.begin_shutdown()
+            [delete] = controller_calls(fake, DELETE)
+            assert delete.query["remove_from_registry"] == "true"
+            assert not stream.done()  # deregistered while the stream runs
+            reply = await stream
+            frames = [json.loads(f) for f in reply.content.split(b"\0") if f]
+            assert frames[-1]["finish_reason"] in ("stop", "length")
+            await asyncio.sleep(0.6)  # three heartbeat intervals
+            assert [c for c in fake.calls if c.at > delete.at] == []
+
+
+# --- the real CLI, SIGTERM with a stream in flight -------------------------------------
+
+CLI = Path(sys.executable).with_name("fastchat-adapter")
+
+
+@contextmanager
+def _adapter_cli(
+    tmp_path: Path, port: int, worker: str, controller: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The real ``fastchat-adapter serve`` with fast heartbeats; output in adapter.log; killed
+    at exit if a test left it running."""
+    command = [
+        str(CLI), "serve", "--port", str(port), "--worker-address", worker,
+        "--controller-address", controller, "--heartbeat-interval", "0.2",
+        "--status-interval", "0.2", "--shutdown-grace", "10",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCHAT_ADAPTER_")}
+    with (tmp_path / "adapter.log").open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_cli_sigterm_deregisters_while_a_stream_runs_then_exits_zero(tmp_path: Path) -> None:
+    slow = ReferenceWorkerConfig(model_names=("tiny",), tokens_per_second=15)
+    with FakeWorker(slow) as worker, FakeController() as fake:
+        port = free_port()
+        with _adapter_cli(tmp_path, port, worker.url, fake.url) as proc:
+            _wait_sync(lambda: controller_calls(fake, REGISTER, "tiny@llm"), 15)
+            _wait_sync(lambda: controller_calls(fake, HEARTBEAT, "tiny@llm"), 5)
+            frames, ended = _stream_across_sigterm(port, proc)
+            assert proc.wait(timeout=20) == 0
+        output = (tmp_path / "adapter.log").read_text(errors="replace")
+        [delete] = controller_calls(fake, DELETE)
+        assert delete.raw_query == hard_delete_query("tiny@llm", port), output
+        assert [c for c in fake.calls if c.at > delete.at] == [], output  # nothing after
+        assert fake.listing() == []
+        if frames is not None:  # the worker API is there: the delete came mid-stream
+            assert ended is not None and delete.done < ended, output
+            assert frames[-1].get("finish_reason") in ("stop", "length"), frames[-1]
+
+
+def _stream_across_sigterm(
+    port: int, proc: subprocess.Popen[bytes]
+) -> tuple[list[dict[str, object]] | None, float | None]:
+    """Open a stream, SIGTERM the adapter after its first frame, read the stream to its end.
+    Returns the frames and when the stream ended, or (None, None) without a worker API."""
+    request = {
+        "model": "tiny",
+        "messages": [{"role": "human", "content": "hello"}],
+        "max_new_tokens": 30,
+        "echo": False,
+    }
+    url = f"http://127.0.0.1:{port}/api/worker/generate_stream"
+    with (
+        httpx.Client(trust_env=False, timeout=30) as client,
+        client.stream("POST", url, json=request) as reply,
+    ):
+        if reply.status_code == 404:  # no worker API in this build: order without a stream
+            proc.send_signal(signal.SIGTERM)
+            return None, None
+        buffer, frames, signalled = b"", [], False
+        for data in reply.iter_raw():
+            buffer += data
+            *pieces, buffer = buffer.split(b"\0")
+            frames += [json.loads(p) for p in pieces if p]
+            if frames and not signalled:
+                proc.send_signal(signal.SIGTERM)
+                signalled = True
+        return frames, time.monotonic()
+
+
+def _wait_sync(found: object, timeout: float) -> list[Call]:
+    deadline = time.monotonic() + timeout
+    while not (result := found()):  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return list(result)
+
+
+def test_cli_second_sigterm_still_deregisters_before_exiting(tmp_path: Path) -> None:
+    # The second signal skips the drain, but not the deregistration already under way (it is
+    # bounded): a stale healthy entry would break every chat of DB-GPT's RemoteLLMClient.
+    # Slow heartbeats keep a call in flight, so the DELETE waits for it when SIGTERM comes.
+    with (
+        FakeWorker(ReferenceWorkerConfig(model_names=("tiny",))) as worker,
+        FakeController() as fake,
+    ):
+        with _adapter_cli(tmp_path, free_port(), worker.url, fake.url) as proc:
+            _wait_sync(lambda: controller_calls(fake, REGISTER, "tiny@llm"), 15)
+            fake.delays["/api/controller/heartbeat"] = 1.0
+            _wait_sync(lambda: [True] if fake.in_flight else [], 5)  # a slow heartbeat is out
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+        output = (tmp_path / "adapter.log").read_text(errors="replace")
+        assert controller_calls(fake, DELETE), output
+        _wait_sync(lambda: [True] if fake.listing() == [] else [], 5)
+
+
+# --- the uvicorn internals AdapterServer relies on ------------------------------------------
+# AdapterServer overrides uvicorn.Server's signal handling. If a uvicorn release renames or
+# stops reading these, SIGTERM would no longer deregister first: fail here, loudly, instead.
+
+
+def _source(function: object) -> str:
+    return inspect.getsource(function)  # type: ignore[arg-type]
+
+
+def test_uvicorn_installs_handle_exit_as_its_signal_handler() -> None:
+    parameters = list(inspect.signature(uvicorn.Server.handle_exit).parameters)
+    assert parameters == ["self", "sig", "frame"]
+    assert "self.handle_exit" in _source(uvicorn.Server.capture_signals)
+
+
+def test_uvicorn_main_loop_polls_should_exit_and_shutdown_reads_force_exit() -> None:
+    assert "should_exit" in _source(uvicorn.Server.on_tick)
+    assert "force_exit" in _source(uvicorn.Server.shutdown)
+    assert "sockets" in inspect.signature(uvicorn.Server.serve).parameters
+    config = inspect.signature(uvicorn.Config).parameters
+    assert "timeout_graceful_shutdown" in config
