@@ -2,6 +2,7 @@
 
 The ``serve`` flags are generated from the one settings model, so ``--help`` always lists every
 option with its default and environment variable, and nothing can drift between the two.
+Exit statuses are ``ExitCode`` (the README lists them).
 """
 
 from __future__ import annotations
@@ -10,13 +11,24 @@ import argparse
 import sys
 import typing
 from collections.abc import Sequence
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
-from adapter.settings import ENV_PREFIX, Settings, load_settings
+from adapter import __version__
+from adapter.settings import ENV_PREFIX, ConfigFileError, Settings, load_settings
+
+
+class ExitCode(IntEnum):
+    """Exit statuses of every command; documented in the README's "Exit codes"."""
+
+    OK = 0  # serve: a clean shutdown (SIGTERM/SIGINT); check: every check passed
+    FAILED = 1  # check: a check failed; serve: an unexpected error (a traceback is printed)
+    USAGE = 2  # a bad flag, setting or config file: one line on stderr names it
+    CANNOT_START = 3  # serve: the port cannot be bound, or the startup failed; nothing registered
 
 
 def _flag(name: str) -> str:
@@ -36,7 +48,14 @@ def _default_text(field: FieldInfo) -> str:
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML or JSON file of settings (lowest rank).")
+    parser.add_argument(
+        "--config", type=Path, help="TOML (.toml) or JSON (.json) file of settings (lowest rank)."
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="Print the effective settings as a TOML config file (secrets masked) and exit.",
+    )
     for name, field in Settings.model_fields.items():
         annotation = field.annotation
         env = ENV_PREFIX + name.upper()
@@ -73,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastchat-adapter",
         description="Serve a DB-GPT model cluster from existing FastChat workers.",
     )
+    parser.add_argument("--version", action="version", version=f"fastchat-adapter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="Run the adapter (the main job).")
     add_settings_arguments(serve)
@@ -101,10 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = settings_from_args(ns)
         except ValidationError as exc:
             print(f"fastchat-adapter: {describe_validation_error(exc)}", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
+        except ConfigFileError as exc:
+            print(f"fastchat-adapter: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
         except (OSError, ValueError) as exc:
             print(f"fastchat-adapter: invalid settings: {exc}", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
+        if ns.print_config:
+            from adapter.startup import render_config
+
+            print(render_config(settings), end="")
+            return ExitCode.OK
         from adapter.server import serve as run_server
 
         return run_server(settings)
@@ -117,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = reference_worker.config_from_args(ns)
         reference_worker.serve(config, ns.host, ns.port)
-        return 0
+        return ExitCode.OK
     parser.error(f"unknown command {ns.command}")
-    return 2
+    return ExitCode.USAGE
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ own workers do. Sending every call to all of them instead would race in the shar
 (register is a SELECT then an INSERT, without a lock) and leave duplicate rows.
 
 Every failure (refused, timed out, non-2xx) is one ``ControllerError``; the registrar retries.
+When a controller answers 404 or 405, ``identify`` asks what else the address might be: a
+FastChat controller or worker given as ``--controller-address`` (FastChat's own meaning of that
+flag) is the usual mistake, and the registrar's warning says so.
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
-from adapter.errors import ControllerError
+from adapter.errors import ControllerError, ControllerReason
 from adapter.registry import ModelRegistry
 from protocol.dbgpt import ModelInstance
 
@@ -51,6 +54,9 @@ class ControllerLink(Protocol):
     async def deregister(
         self, instance: ModelInstance, *, remove: bool, timeout: float = CALL_TIMEOUT
     ) -> None: ...
+
+    async def identify(self) -> str | None:
+        """A hint when the address answers like something other than a DB-GPT controller."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +98,44 @@ class HttpController:
                 method, self.name + path, json=json, params=params, timeout=timeout
             )
         except httpx.HTTPError as exc:
-            raise ControllerError(self.name, f"{method} {path}: {exc!r}") from exc
+            reason = _reason(exc)
+            detail = f"{method} {path}: {reason}: {str(exc) or type(exc).__name__}"
+            raise ControllerError(self.name, detail, reason=reason) from exc
         if not response.is_success:
-            body = response.text[:300]
-            raise ControllerError(self.name, f"{method} {path}: HTTP {response.status_code} {body}")
+            status, body = response.status_code, response.text[:300]
+            detail = f"{method} {path}: HTTP {status} {body}"
+            raise ControllerError(self.name, detail, reason="http_status", status=status)
+
+    async def identify(self) -> str | None:
+        # A FastChat controller answers POST /list_models (§2); a worker, /worker_get_status
+        # (§1.1; a FastChat controller answers that one too, so it is asked second).
+        if await self._answers_with("/list_models", "models"):
+            return (
+                "it answers like a FastChat controller: give it as "
+                "--fastchat-controller-address; --controller-address takes DB-GPT controllers"
+            )
+        if await self._answers_with("/worker_get_status", "model_names"):
+            return (
+                "it answers like a FastChat worker: give it as --worker-address; "
+                "--controller-address takes DB-GPT controllers"
+            )
+        return None
+
+    async def _answers_with(self, path: str, key: str) -> bool:
+        try:
+            response = await self.http.post(self.name + path, json={}, timeout=CALL_TIMEOUT)
+            reply: Any = response.json() if response.is_success else None
+        except (httpx.HTTPError, ValueError):
+            return False
+        return isinstance(reply, dict) and key in reply
+
+
+def _reason(exc: httpx.HTTPError) -> ControllerReason:
+    if isinstance(exc, httpx.ConnectError):
+        return "unreachable"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    return "broken"
 
 
 @dataclass(frozen=True)
@@ -117,6 +157,9 @@ class EmbeddedController:
         self.registry.deregister(
             instance.model_name, instance.host, instance.port, remove_from_registry=remove
         )
+
+    async def identify(self) -> str | None:
+        return None  # it is ours, and never fails
 
 
 class FailoverController:
@@ -159,14 +202,14 @@ class FailoverController:
 
     async def _first_that_answers(self, call: Callable[[ControllerLink], Awaitable[None]]) -> None:
         start = self._active
-        failures: list[str] = []
+        failures: list[ControllerError] = []
         for step in range(len(self._links)):
             index = (start + step) % len(self._links)
             link = self._links[index]
             try:
                 await call(link)
             except ControllerError as exc:
-                failures.append(str(exc))
+                failures.append(exc)
                 continue
             if index != self._active:
                 log.warning("controller failover: %s -> %s", self.active, link.name)
@@ -174,4 +217,13 @@ class FailoverController:
                 if self._on_failover is not None:
                     self._on_failover(link.name)
             return
-        raise ControllerError(self.name, "every controller failed: " + "; ".join(failures))
+        last = failures[-1]
+        detail = "every controller failed: " + "; ".join(map(str, failures))
+        raise ControllerError(self.name, detail, reason=last.reason, status=last.status)
+
+    async def identify(self) -> str | None:
+        for link in self._links:
+            hint = await link.identify()
+            if hint:
+                return f"{link.name}: {hint}"
+        return None

@@ -12,7 +12,8 @@
      ├── NoWorker                  no live worker serves the model; .model, .served
      │                             (50005 if a worker served it before, else 40301)
      ├── ControllerError           a DB-GPT controller did not accept a call; the registrar
-     │                             retries it (never shown to a DB-GPT client)
+     │                             retries it (never shown to a DB-GPT client); .reason (one
+     │                             of ControllerReason), .status (the HTTP status, if any)
      ├── RequestFailed             a generation answered with an error ModelOutput instead of
      │                             text; .output, .outcome (how the request is counted)
      └── Refused                   a request FastChat cannot serve as asked; .status: 400 (a
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AdapterError",
     "ControllerError",
+    "ControllerReason",
     "NoWorker",
     "Refused",
     "RequestFailed",
@@ -50,6 +52,7 @@ UpstreamReason = Literal[
     "unreachable", "idle_timeout", "http_status", "broken_stream", "malformed", "in_band"
 ]
 UPSTREAM_REASONS: Final[tuple[UpstreamReason, ...]] = get_args(UpstreamReason)
+ControllerReason = Literal["unreachable", "timeout", "http_status", "broken"]
 
 _CODE_BY_REASON: Final[dict[UpstreamReason, ErrorCode]] = {
     "unreachable": ErrorCode.CONTROLLER_NO_WORKER,
@@ -96,9 +99,19 @@ class NoWorker(AdapterError):
 class ControllerError(AdapterError):
     """A DB-GPT controller did not accept a call (refused, timed out, non-2xx)."""
 
-    def __init__(self, controller: str, detail: str) -> None:
+    def __init__(
+        self,
+        controller: str,
+        detail: str,
+        *,
+        reason: ControllerReason = "broken",
+        status: int | None = None,
+    ) -> None:
         super().__init__(f"DB-GPT controller {controller}: {detail}")
         self.controller = controller
+        self.detail = detail
+        self.reason: ControllerReason = reason
+        self.status = status
 
 
 class RequestFailed(AdapterError):

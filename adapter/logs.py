@@ -9,6 +9,9 @@
   context variable, so any log line written while serving carries it; routes name the model
   with ``set_model``. When the response ends it writes one access line (method, path, status,
   duration, request id, model), except for the probe paths, which would drown everything else.
+  A worker API request also says its outcome (``adapter/tracking.py``) and, when it failed
+  in-band (HTTP 200 with an error frame), the error code:
+  ``POST /api/worker/generate_stream 200 4.3ms outcome=error error_code=50005``.
 - Request bodies are never logged at info level: they hold users' prompts.
 """
 
@@ -44,6 +47,8 @@ class RequestContext:
 
     request_id: str
     model: str | None = None
+    outcome: str | None = None  # set by the worker API's Tracker when the request is done
+    error_code: int | None = None  # of an error output sent in-band, if any
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("fastchat_adapter_request", default=None)
@@ -181,17 +186,21 @@ class AccessLogMiddleware:
             path = scope.get("path", "")
             if path not in PROBE_PATHS:
                 duration = time.perf_counter() - started
+                said = (("outcome", context.outcome), ("error_code", context.error_code))
                 access_log.info(
-                    "%s %s %s %.1fms",
+                    "%s %s %s %.1fms%s",
                     scope.get("method", ""),
                     path,
                     status or "-",
                     duration * 1000,
+                    "".join(f" {key}={value}" for key, value in said if value),
                     extra={
                         "method": scope.get("method", ""),
                         "path": path,
                         "status": status or None,
                         "duration_ms": round(duration * 1000, 1),
+                        "outcome": context.outcome,
+                        "error_code": context.error_code,
                         "_in_message": True,
                     },
                 )

@@ -45,6 +45,7 @@ class Worker:
     speed: float = 1.0
     last_seen: float | None = None
     generation: int = 0  # bumps on every down->up transition or model-list change
+    down_logged: bool = False  # its being down was logged (once per down spell)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,8 @@ class WorkerPool:
                 names = tuple(sorted(status.model_names))
                 queue, speed = status.queue_length, float(status.speed)
         except UpstreamError as exc:
-            await self._mark_down(worker, str(exc))
+            self.metrics.status_poll_failures.labels(worker.url, exc.reason).inc()
+            await self._mark_down(worker, exc)
             return
         if self.only_models:
             names = tuple(n for n in names if n in self.only_models)
@@ -148,6 +150,7 @@ class WorkerPool:
         self._export(worker)
         if not was_alive:
             worker.generation += 1
+            worker.down_logged = False
             log.info("worker %s is up, serving %s", worker.url, ", ".join(names) or "nothing")
             await self._emit(PoolEvent("up", worker, added=names))
         elif names != old_names:
@@ -168,12 +171,15 @@ class WorkerPool:
             self._listed_multimodal = set()
         return names, status.queue_length, float(status.speed)
 
-    async def _mark_down(self, worker: Worker, why: str) -> None:
+    async def _mark_down(self, worker: Worker, exc: UpstreamError) -> None:
         self.metrics.upstream_up.labels(worker.url).set(0)
+        if not worker.down_logged:  # once per change: at the first poll, and after each up
+            worker.down_logged = True
+            what = "FastChat controller" if worker.dispatching else "FastChat worker"
+            log.warning("%s %s is down: %s: %s", what, worker.url, exc.reason, exc.detail)
         if not worker.alive:
             return
         worker.alive = False
-        log.warning("worker %s is down: %s", worker.url, why)
         await self._emit(PoolEvent("down", worker, removed=worker.model_names))
 
     async def report_failure(self, url: str, exc: UpstreamError) -> None:
@@ -184,7 +190,7 @@ class WorkerPool:
             del self._info[key]
         worker = self.workers.get(url)
         if worker is not None and exc.reason == "unreachable":
-            await self._mark_down(worker, str(exc))
+            await self._mark_down(worker, exc)
 
     def _export(self, worker: Worker) -> None:
         self.metrics.upstream_up.labels(worker.url).set(1)

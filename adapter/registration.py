@@ -73,6 +73,9 @@ log = logging.getLogger("fastchat_adapter.registration")
 
 SERVICE_KEY = "WorkerManager@service"  # DB-GPT's worker-manager entry (§5.4)
 SHUTDOWN_CALL_TIMEOUT = 2.0  # per deregistration call at SIGTERM; all run concurrently
+# A controller that keeps failing is warned about (with the cause) at its first failure, then
+# at most this often: retries run every few seconds and must not flood the log.
+WARN_EVERY = 60.0
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
@@ -94,6 +97,9 @@ class _Controller:
     heartbeat_due: bool = False
     reachable: bool | None = None  # outcome of the last call; None before the first
     task: asyncio.Task[None] | None = None
+    last_warning: float | None = None  # loop time of the last failure warning
+    hint: str | None = None  # what the address answers like, when not a DB-GPT controller
+    identified: bool = False  # the hint was looked for (once per process)
 
 
 class Registrar:
@@ -269,9 +275,9 @@ class Registrar:
                     await c.link.heartbeat(instance)
                 else:
                     await c.link.deregister(instance, remove=hard)
-            except ControllerError:
-                if c.reachable is not False:
-                    log.warning("controller %s failed; retrying with backoff", c.link.name)
+            except ControllerError as exc:
+                self._metrics.registration_failures.labels(c.link.name, op, exc.reason).inc()
+                await self._warn(c, exc)
                 if op == "heartbeat":
                     self._metrics.heartbeats.labels(c.link.name, "error").inc()
                 # It may have restarted and forgotten everything: register it all again.
@@ -294,6 +300,19 @@ class Registrar:
             if key not in c.pending:  # the worker died while this call was on the wire
                 c.registered.add(key)
         self._export(c)
+
+    async def _warn(self, c: _Controller, exc: ControllerError) -> None:
+        """The cause, at the first failure and then every ``WARN_EVERY`` seconds at most."""
+        now = asyncio.get_running_loop().time()
+        repeated = c.reachable is False and c.last_warning is not None
+        if repeated and now - (c.last_warning or 0.0) < WARN_EVERY:
+            return
+        if exc.status in (404, 405) and not c.identified:
+            c.identified = True
+            c.hint = await c.link.identify()
+        c.last_warning = now
+        hint = f" ({c.hint})" if c.hint else ""
+        log.warning("%s; retrying with backoff%s", exc, hint)
 
     def _export(self, c: _Controller) -> None:
         self._metrics.registered_models.labels(c.link.name).set(len(c.registered))

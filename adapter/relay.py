@@ -148,20 +148,24 @@ class Relay:
         metrics.upstream_errors.labels(route.worker, self.tracker.model, "in_band").inc()
 
     # --- /generate_stream ---------------------------------------------------------------
+    async def _emit(self, emit: Emit, output: ModelOutput) -> None:
+        self.tracker.observe(output)  # usage, finish reason, error code
+        await emit(frame(output))
+
     async def stream(self, emit: Emit) -> Outcome:
         """Produce every frame of the answer (see ``FrameStreamResponse``)."""
         try:
             return await self._stream(emit)
         except Exception as exc:  # a bug of ours: still end the stream with one error frame
             log.exception("generate_stream failed inside the adapter")
-            await emit(frame(_internal_error(exc)))
+            await self._emit(emit, _internal_error(exc))
             return "error"
 
     async def _stream(self, emit: Emit) -> Outcome:
         try:
             prepared = await self.prepare()
         except RequestFailed as failure:
-            await emit(frame(failure.output))
+            await self._emit(emit, failure.output)
             return failure.outcome
         route, plan = prepared.route, prepared.plan
         translator = StreamTranslator(echo_prompt=plan.echo_prompt, reasoning=plan.reasoning)
@@ -177,7 +181,7 @@ class Relay:
                         outcome = "error"
                     else:
                         self.tracker.frame_relayed()
-                    await emit(frame(output))
+                    await self._emit(emit, output)
                     if translator.ended:
                         break
                 if translator.ended:
@@ -186,7 +190,7 @@ class Relay:
             if translator.ended:
                 return outcome
             broken = await self._upstream_failure(exc)
-            await emit(frame(broken.output))
+            await self._emit(emit, broken.output)
             return "error"
         final = translator.finish()
         if final is None:
@@ -194,10 +198,10 @@ class Relay:
         if final.error_code:  # a clean body without a single chunk
             empty = UpstreamError(route.worker, "broken_stream", "the stream had no chunk")
             broken = await self._upstream_failure(empty)
-            await emit(frame(broken.output))
+            await self._emit(emit, broken.output)
             return "error"
         self.tracker.frame_relayed()
-        await emit(frame(final))
+        await self._emit(emit, final)
         return "ok"
 
     # --- /generate ----------------------------------------------------------------------
@@ -212,10 +216,13 @@ class Relay:
             except UpstreamError as exc:
                 raise await self._upstream_failure(exc) from exc
         except RequestFailed as failure:
+            self.tracker.observe(failure.output)
             return failure.output, failure.outcome
         except Exception as exc:  # a bug of ours: still answer with a ModelOutput
             log.exception("generate failed inside the adapter")
-            return _internal_error(exc), "error"
+            self.tracker.observe(internal := _internal_error(exc))
+            return internal, "error"
+        self.tracker.observe(output)
         if output.error_code:
             self._in_band_error(route)
             return output, "error"

@@ -38,7 +38,7 @@ log = logging.getLogger("fastchat_adapter")
 
 @dataclass
 class InFlight:
-    """Downstream requests open right now (the ``requests_in_flight`` gauge, summed), kept by
+    """Downstream requests open right now (``num_requests_running`` + ``_waiting``), kept by
     ``Tracker``; uvicorn's graceful shutdown is what waits for them to drain."""
 
     count: int = 0

@@ -1,5 +1,9 @@
 """Run the adapter under uvicorn with DB-GPT-safe shutdown ordering.
 
+Before anything else the port is bound (``bind_socket``): a port in use is a one-line error and
+exit status 3 before any controller hears of us, instead of registering, deregistering and then
+failing. The startup line (``adapter/startup.py``) follows.
+
 On SIGTERM/SIGINT, in this order:
 1. report not-ready (``/readyz`` 503), stop heartbeats, deregister everywhere
    (``Runtime.begin_shutdown``): while streams are still running, so DB-GPT stops routing here;
@@ -21,14 +25,17 @@ import asyncio
 import logging
 import math
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
 
 from adapter.app import create_app
+from adapter.cli import ExitCode
 from adapter.logs import setup_logging
 from adapter.runtime import Runtime
 from adapter.settings import Settings
+from adapter.startup import startup_facts, startup_line
 
 log = logging.getLogger("fastchat_adapter.server")
 
@@ -81,8 +88,32 @@ def build_server(settings: Settings) -> AdapterServer:
     return AdapterServer(config, app.state.runtime)
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound now (uvicorn would bind only after the lifespan startup,
+    which registers with the controllers). ``OSError`` if it is in use or not allowed."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: Settings) -> int:
     setup_logging(settings.log_format, settings.log_level)
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
+        return ExitCode.CANNOT_START
+    facts = {**startup_facts(settings), "_in_message": True}
+    log.info("%s", startup_line(settings), extra=facts)
     server = build_server(settings)
-    asyncio.run(server.serve())
-    return 0
+    with sock:
+        asyncio.run(server.serve(sockets=[sock]))
+    # uvicorn returns without serving when the lifespan startup failed (it logged why).
+    return ExitCode.OK if server.started else ExitCode.CANNOT_START

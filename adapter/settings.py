@@ -3,16 +3,25 @@
 Precedence, highest first: command-line flags, environment variables ``FASTCHAT_ADAPTER_<NAME>``,
 the optional config file (``--config FILE``, TOML or JSON), then the defaults below. List options
 take a comma-separated string everywhere (flags may also be repeated), like DB-GPT's own
-``controller_addr``.
+``controller_addr``, or a JSON list (``'["http://a:1", "http://b:2"]'``, as pydantic-settings
+users write lists in the environment).
+
+Values are checked where they are read, so a mistake stops the start with one line naming the
+option (exit status 2) instead of a process that runs and never gets ready: every address is an
+``http(s)://`` URL, ``register_host`` is a bare host name or IP address, and a config file may
+hold only known keys (``ConfigFileError`` names the file, and the line of a syntax error).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -27,6 +36,16 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CommaList = Annotated[list[str], NoDecode]
+
+CONFIG_SUFFIXES = (".toml", ".json")
+# Labels of letters, digits, '-' and '_' (compose service names have underscores), dot-separated.
+_HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_][A-Za-z0-9_-]{0,62}(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
+
+
+class ConfigFileError(ValueError):
+    """The config file cannot be used; the message names the file (and the line, if known)."""
 
 
 class Settings(BaseSettings):
@@ -148,6 +167,11 @@ class Settings(BaseSettings):
     )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:  # a JSON list, as pydantic-settings users write lists in the environment
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError(f"not a JSON list of strings: {value}") from None
         items = value.split(",") if isinstance(value, str) else value
         if isinstance(items, list | tuple):
             parts = [p for item in items for p in str(item).split(",")]
@@ -158,6 +182,28 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else None
+
+    @field_validator(
+        "worker_address",
+        "embedding_worker_address",
+        "controller_address",
+        "fastchat_controller_address",
+    )
+    @classmethod
+    def _http_urls(cls, value: list[str] | str | None) -> list[str] | str | None:
+        for url in [value] if isinstance(value, str) else value or []:
+            check_http_url(url)
+        return value
+
+    @field_validator("register_host")
+    @classmethod
+    def _bare_host(cls, value: str | None) -> str | None:
+        if value is not None and not is_bare_host(value):
+            raise ValueError(
+                f"{value!r} is not a bare host name or IP address (no scheme, port or path: "
+                "the port advertised is --port)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _needs_upstream(self) -> Settings:
@@ -221,13 +267,35 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    """A flat table of settings, keys spelt like the fields (``worker_address`` ...)."""
-    text = path.read_text(encoding="utf-8")
-    data: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    """A flat table of settings, keys spelt like the fields (``worker_address`` ...) or the
+    flags (``worker-address``), optionally under ``[fastchat_adapter]``. The file type comes
+    from its extension; a YAML file is refused rather than misread as TOML."""
+    if path.suffix not in CONFIG_SUFFIXES:
+        raise ConfigFileError(
+            f"{path}: unsupported config file type {path.suffix or '(no extension)'!r}; "
+            "use a .toml or .json file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"{path}: cannot read it: {exc}") from None
+    try:
+        data: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigFileError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(f"{path}: invalid TOML: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a table of settings")
+        raise ConfigFileError(f"{path}: expected a table of settings")
     table = data.get("fastchat_adapter", data)
-    return {str(k).replace("-", "_"): v for k, v in table.items()}
+    if not isinstance(table, dict):
+        raise ConfigFileError(f"{path}: [fastchat_adapter] must be a table of settings")
+    values = {str(k).replace("-", "_"): v for k, v in table.items()}
+    unknown = [str(k) for k in table if str(k).replace("-", "_") not in Settings.model_fields]
+    if unknown:
+        listed = ", ".join(f"`{k}`" for k in unknown)
+        raise ConfigFileError(f"unknown key {listed} in {path}")
+    return values
 
 
 def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -> Settings:
@@ -237,6 +305,26 @@ def load_settings(cli_values: dict[str, Any], config_file: Path | None = None) -
         return Settings(**cli_values)
     finally:
         _ConfigFileSource.values = {}
+
+
+def check_http_url(url: str) -> None:
+    """Raise ``ValueError`` unless ``url`` is an absolute http(s) URL with a host."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"not an http(s) URL: {url} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url} (expected http://HOST:PORT)")
+
+
+def is_bare_host(value: str) -> bool:
+    """A host name or an IPv4/IPv6 address: what goes between ``http://`` and ``:port``."""
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.match(value))
 
 
 def primary_address() -> str:

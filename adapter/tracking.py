@@ -2,8 +2,12 @@
 
 A ``Tracker`` is made when a request arrives and ``done`` once when its response has ended
 (for a stream: after the last byte, or when the client left). Between the two the request
-counts in ``requests_in_flight`` and in ``Runtime.inflight``. Trackers are made in one place,
-``adapter/worker_api.py``'s route decorator.
+counts in ``Runtime.inflight`` and in ``num_requests_running``, or, for a stream that has not
+relayed its first token yet, in ``num_requests_waiting``. Every generation output goes through
+``observe``: its ``usage`` becomes the token counters and its finish reason
+``request_success_total`` when the request is done, and the outcome and error code end up on
+the request's access log line. Trackers are made in one place, ``adapter/worker_api.py``'s
+route decorator.
 
 Outcomes (the ``outcome`` label of ``requests``):
 
@@ -20,10 +24,13 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Literal
 
-from adapter.logs import set_model
+from prometheus_client import Gauge
+
+from adapter.logs import current_request, set_model
 
 if TYPE_CHECKING:
     from adapter.runtime import Runtime
+    from protocol.dbgpt import ModelOutput, Usage
 
 Outcome = Literal["ok", "rejected", "error", "client_gone"]
 
@@ -48,27 +55,54 @@ class Tracker:
     As a context manager (non-stream routes) it calls ``done(self.outcome)`` on exit, or
     ``done("error")`` if the block raised; set ``outcome`` inside the block."""
 
-    def __init__(self, runtime: Runtime, route: str, model: object = None) -> None:
+    def __init__(
+        self, runtime: Runtime, route: str, model: object = None, *, streams: bool = False
+    ) -> None:
         self.runtime = runtime
         self.route = route
         self.model = model_label(runtime, model)
         self.outcome: Outcome = "ok"
+        self.error_code = 0  # of the last error output observed
         self.started = time.perf_counter()
         self._first_frame_seen = False
+        self._waiting = streams  # a stream waits for its first token, then runs
+        self._usage: Usage | None = None
+        self._finish_reason: str | None = None
         self._done = False
         set_model(model if isinstance(model, str) else None)
+        self._context = current_request()
         # Resolved once: ``labels()`` takes a lock and a dict lookup, too much per frame.
         self._frames = runtime.metrics.frames_relayed.labels(self.model)
         runtime.inflight.enter()
-        runtime.metrics.requests_in_flight.labels(route, self.model).inc()
+        self._gauge().inc()
+
+    def _gauge(self) -> Gauge:
+        metrics = self.runtime.metrics
+        if self._waiting:
+            return metrics.num_requests_waiting.labels(self.model)
+        return metrics.num_requests_running.labels(self.route, self.model)
 
     def frame_relayed(self) -> None:
         """A frame of the upstream's output went downstream (keep-alives do not count)."""
         if not self._first_frame_seen:
             self._first_frame_seen = True
             elapsed = time.perf_counter() - self.started
-            self.runtime.metrics.time_to_first_frame.labels(self.model).observe(elapsed)
+            self.runtime.metrics.time_to_first_token.labels(self.model).observe(elapsed)
+            if self._waiting:
+                self._gauge().dec()
+                self._waiting = False
+                self._gauge().inc()
         self._frames.inc()
+
+    def observe(self, output: ModelOutput) -> None:
+        """A generation output on its way downstream: keep its usage (cumulative; the last
+        frame may lack it), finish reason and error code."""
+        if output.usage is not None:
+            self._usage = output.usage
+        if output.finish_reason:
+            self._finish_reason = output.finish_reason
+        if output.error_code:
+            self.error_code = output.error_code
 
     def done(self, outcome: Outcome) -> None:
         """Close the books; later calls are ignored."""
@@ -76,10 +110,18 @@ class Tracker:
             return
         self._done = True
         metrics = self.runtime.metrics
-        metrics.requests_in_flight.labels(self.route, self.model).dec()
+        self._gauge().dec()
         metrics.requests.labels(self.route, self.model, outcome).inc()
         elapsed = time.perf_counter() - self.started
-        metrics.request_duration.labels(self.route, self.model).observe(elapsed)
+        metrics.e2e_request_latency.labels(self.route, self.model).observe(elapsed)
+        if self._usage is not None:  # tokens were spent even if the client left
+            metrics.prompt_tokens.labels(self.model).inc(self._usage.prompt_tokens)
+            metrics.generation_tokens.labels(self.model).inc(self._usage.completion_tokens)
+        if self._finish_reason and outcome == "ok":
+            metrics.request_success.labels(self.model, self._finish_reason).inc()
+        if self._context is not None:  # for the access log line
+            self._context.outcome = outcome
+            self._context.error_code = self.error_code or None
         self.runtime.inflight.leave()
 
     def __enter__(self) -> Tracker:

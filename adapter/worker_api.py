@@ -101,7 +101,7 @@ def _worker_route(
                     parsed = parse(body)
             except InvalidRequest as exc:
                 error = None if lenient else exc
-            tracker = Tracker(runtime, route, _model_of(body))
+            tracker = Tracker(runtime, route, _model_of(body), streams=route == STREAM_ROUTE)
             try:
                 if error is not None:
                     raise error
@@ -125,6 +125,7 @@ def _worker_route(
 def _error_response(route: str, tracker: Tracker, exc: Exception) -> Response:
     """A refusal is the caller's mistake (counted ``rejected``); a worker failure is ours."""
     tracker.outcome = "rejected"
+    tracker.error_code = getattr(exc, "error_code", 0)
     if isinstance(exc, InvalidRequest):
         if route == STREAM_ROUTE:  # DB-GPT's stream reader ignores the status: say it in-band
             rejection = frame(error_output(exc.error_code, f"invalid request: {exc}"))

@@ -59,6 +59,9 @@ def run_check(ns: argparse.Namespace, out: TextIO | None = None) -> int:
     if not url.startswith(("http://", "https://")):
         print(f"fastchat-adapter check: not an http(s) URL: {ns.url}", file=sys.stderr)
         return 2
+    if not ns.timeout > 0:  # also NaN; httpx would raise deep inside the first request
+        print(f"fastchat-adapter check: --timeout must be > 0, not {ns.timeout}", file=sys.stderr)
+        return 2
     only: bool = ns.embeddings_only
     embeddings = "" if only and ns.embeddings is None else ns.embeddings
     headers = {"authorization": f"Bearer {ns.api_key}"} if ns.api_key else {}

@@ -3,7 +3,8 @@
 model_metadata (exact key set), count_token (bare int), generate_stream frames in the legacy
 ``text`` form, generate, and embeddings when asked (docs/protocol.md §6, §7). Missing model
 names are looked up in the endpoint's controller listing when it has one (the adapter in
-standalone mode does).
+standalone mode does), else in its worker-manager listing ``/api/worker/models/supports`` (the
+adapter always has one, registered with a DB-GPT controller or not).
 """
 
 from __future__ import annotations
@@ -118,16 +119,11 @@ def check_dbgpt(
 def _discover(
     endpoint: Endpoint, model: str | None, embeddings: str | None, *, need_llm: bool
 ) -> tuple[str | None, str | None]:
-    """Fill in missing names from the endpoint's controller listing, if it has one (the
-    adapter in standalone mode does); ``embeddings == ""`` means "asked, name unknown"."""
+    """Fill in missing names from the endpoint's listings (see the module docstring);
+    ``embeddings == ""`` means "asked, name unknown"."""
     if (model is not None or not need_llm) and embeddings != "":
         return model, embeddings
-    try:
-        listing = endpoint.get("/api/controller/models?healthy_only=true")
-    except CheckFailed:
-        listing = []
-    items = listing if isinstance(listing, list) else []
-    keys = [str(item.get("model_name", "")) for item in items if isinstance(item, dict)]
+    keys = _listed_keys(endpoint)
     if model is None:
         model = next((k.split("@")[0] for k in keys if k.endswith("@llm")), None)
     if embeddings == "":
@@ -136,3 +132,27 @@ def _discover(
     if (need_llm and model is None) or embeddings == "" or (embeddings is None and not need_llm):
         raise UsageError("no model to check: give --model NAME (or --embeddings NAME)")
     return model, embeddings
+
+
+def _listed_keys(endpoint: Endpoint) -> list[str]:
+    """``name@type`` of every model the endpoint lists, from the first listing it has."""
+    try:
+        listing = endpoint.get("/api/controller/models?healthy_only=true")
+    except CheckFailed:
+        listing = []
+    items = listing if isinstance(listing, list) else []
+    keys = [str(item.get("model_name", "")) for item in items if isinstance(item, dict)]
+    if keys:
+        return keys
+    try:
+        supports = endpoint.get("/api/worker/models/supports")
+    except CheckFailed:
+        return []
+    entries = supports if isinstance(supports, list) else []
+    return [
+        f"{model.get('model')}@{model.get('worker_type')}"
+        for entry in entries
+        if isinstance(entry, dict) and isinstance(entry.get("models"), list)
+        for model in entry["models"]
+        if isinstance(model, dict)
+    ]

@@ -433,7 +433,7 @@ async def test_images_for_a_worker_not_known_to_take_them_are_dropped_and_counte
         metrics = (await client.get("/metrics")).text
         body = sent(mock, "stream")
     assert "images" not in body and "$$<image>$$" not in body["prompt"]
-    assert 'fastchat_adapter_images_dropped_total{model="m"} 2.0' in metrics
+    assert 'fastchat_adapter_images_dropped_total{model_name="m"} 2.0' in metrics
     warnings = [r for r in caplog.records if "image(s) dropped" in r.getMessage()]
     assert len(warnings) == 1  # once per request
 
