@@ -174,3 +174,19 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def exposed_names(self) -> dict[str, str]:
+        """Every sample name ``/metrics`` can show -> its family's type (``X_total`` for a
+        counter, ``X_bucket``/``X_sum``/``X_count`` for a histogram): what the README, the
+        Grafana dashboard and the Prometheus rules may name."""
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "summary": ("_sum", "_count"),
+            "info": ("_info",),
+        }
+        return {
+            family.name + suffix: family.type
+            for family in self.registry.collect()
+            for suffix in suffixes.get(family.type, ("",))
+        }

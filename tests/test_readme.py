@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from adapter.metrics import Metrics
+from adapter.metrics import PREFIX, Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -40,11 +40,17 @@ def test_settings_table_is_up_to_date() -> None:
 
 
 def test_metrics_list_names_every_metric() -> None:
-    families = {m.name for m in Metrics().registry.collect()}
-    for family in families:
-        kind = next(m.type for m in Metrics().registry.collect() if m.name == family)
-        exposed = family + "_total" if kind == "counter" else family
-        assert f"`{exposed}`" in README, exposed
+    families = {m.name: m.type for m in Metrics().registry.collect()}
+    listed = set(re.findall(r"^\| `(fastchat_adapter_\w+)` \|", README, re.M))
+    ours = {
+        name + "_total" if kind == "counter" else name
+        for name, kind in families.items()
+        if name.startswith(PREFIX)
+    }
+    assert listed == ours  # every metric, and no metric that is not exported
+    others = {name.split("_", 1)[0] + "_*" for name in families if not name.startswith(PREFIX)}
+    assert others == {"process_*", "python_*"}
+    assert all(f"`{pattern}`" in README for pattern in others)
 
 
 def test_demo_streams_a_chat_end_to_end() -> None:

@@ -131,3 +131,88 @@ def test_inconsistent_upstreams_exit_2_with_one_line(
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err
     assert all(word in err for word in words), err
+
+
+# --- say what is wrong, at once (issue 11) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "words"),
+    [
+        (["--worker-address", "127.0.0.1:21002"], "--worker-address", ["not an http(s) URL"]),
+        (
+            [*WORKER, "--embedding-worker-address", "http://ok:1,ftp://e:2"],
+            "--embedding-worker-address",
+            ["ftp://e:2"],
+        ),
+        ([*WORKER, "--controller-address", "dbgpt-controller:8000"], "--controller-address", []),
+        (
+            [*WORKER, "--fastchat-controller-address", "c:21001"],
+            "--fastchat-controller-address",
+            [],
+        ),
+        ([*WORKER, "--controller-address", "http://c:port"], "--controller-address", []),
+        ([*WORKER, "--register-host", "http://10.0.0.9"], "--register-host", ["bare host"]),
+        ([*WORKER, "--register-host", "10.0.0.9:8100"], "--register-host", ["bare host"]),
+    ],
+)
+def test_bad_address_exits_2_naming_the_option(
+    capsys: pytest.CaptureFixture[str], argv: list[str], option: str, words: list[str]
+) -> None:
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert option in err and all(word in err for word in words), err
+
+
+@pytest.mark.parametrize("host", ["10.0.0.9", "adapter", "fastchat_adapter.svc.local", "::1"])
+def test_register_host_takes_a_bare_host_or_ip(host: str) -> None:
+    settings = parse(*WORKER, "--register-host", host)
+    assert settings.advertised_host == host
+
+
+def test_env_list_as_json_is_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTCHAT_ADAPTER_WORKER_ADDRESS", '["http://a:1", "http://b:2/"]')
+    assert parse().worker_address == ["http://a:1", "http://b:2"]
+    monkeypatch.setenv("FASTCHAT_ADAPTER_CONTROLLER_ADDRESS", '["http://c:8000"')
+    assert main(["serve"]) == 2  # a broken JSON list is an error, not a URL "[http://c:8000"
+
+
+def test_bad_toml_names_the_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "adapter.toml"
+    path.write_text('port = 8100\nhost = \nworker_address = "http://a:1"\n')
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "line 2" in err, err
+
+
+def test_bad_json_names_the_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "adapter.json"
+    path.write_text('{\n  "port": 8100,\n  "host": ,\n}\n')
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}:3" in err, err
+
+
+@pytest.mark.parametrize("name", ["adapter.yaml", "adapter.yml", "adapter"])
+def test_config_file_other_than_toml_or_json_is_refused_by_extension(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    path = tmp_path / name
+    path.write_text("port = 8100\n")  # valid TOML: it must not be read as such
+    assert main(["serve", *WORKER, "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and ".toml or .json" in err, err
+
+
+def test_unknown_key_names_the_key_and_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, {"workers": "http://a:1", "port": 8100})
+    assert main(["serve", *WORKER, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastchat-adapter: unknown key `workers` in {config}\n"
