@@ -8,9 +8,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY docker/adapter-constraints.txt ./
 COPY protocol ./protocol
 COPY adapter ./adapter
-RUN pip install . \
+# Pinned runtime dependencies (docker/adapter-constraints.txt): the versions the tests ran.
+RUN pip install --constraint adapter-constraints.txt . \
     && rm -rf /src \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin adapter
 

@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from adapter import __version__
+from adapter.cli import ExitCode
 from adapter.metrics import PREFIX, Metrics
+from adapter.settings import Settings
+from adapter.startup import startup_line
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -69,3 +73,33 @@ def test_demo_streams_a_chat_end_to_end() -> None:
     assert len(answer.split()) > 5, out  # streamed words arrived
     assert "finish_reason length" in out or "finish_reason stop" in out
     assert "stopped the adapter and the reference worker" in out
+
+
+def test_exit_codes_table_lists_every_exit_code() -> None:
+    section = README.split("### Exit codes", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| ([^|]+) \|", section, re.M)
+    assert [int(code) for code, _ in rows] == [int(code) for code in ExitCode]
+    assert all(text.strip() for _, text in rows)
+
+
+def test_startup_line_example_is_what_serve_logs() -> None:
+    example = README.split("```text\n", 2)[2].split("\n", 1)[0]
+    message = example.split(" fastchat_adapter.server ", 1)[1]
+    settings = Settings(
+        host="0.0.0.0",
+        register_host="10.0.0.9",
+        worker_address=["http://10.0.0.5:21002"],
+        controller_address=["http://dbgpt-controller:8000"],
+    )
+    assert message == startup_line(settings).replace(__version__, "0.1.0")
+
+
+def test_install_section_names_real_files_and_the_compose_version() -> None:
+    section = README.split("## Install", 1)[1].split("\n## ", 1)[0]
+    for path in ("docker/adapter-constraints.txt", "deploy/adapter.example.toml"):
+        assert path.split("/")[-1] in section and (ROOT / path).is_file(), path
+    assert "make venv" in section and re.search(r"^venv: ", (ROOT / "Makefile").read_text(), re.M)
+    assert "docker build -t fastchat-adapter ." in section
+    compose = (ROOT / "compose.yaml").read_text()
+    assert "content: |" in compose  # configs.content: Docker Compose 2.23.1 and newer
+    assert "Docker Compose 2.23.1 or newer" in README

@@ -10,17 +10,20 @@ flags; only hosts, ports, URLs, paths and timing intervals may differ.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
 import sys
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from jsonschema.validators import validator_for
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from adapter.cli import build_parser, settings_from_args
 from tests.interop.stacks import (
@@ -248,7 +251,10 @@ def test_adapter_dockerfile() -> None:
     user = [arg for op, arg in steps if op == "USER"]
     assert user and user[-1] not in ("root", "0")
     run = " ".join(arg for op, arg in steps if op == "RUN")
-    assert "pip install ." in run and "useradd" in run
+    assert "pip install --constraint adapter-constraints.txt ." in run and "useradd" in run
+    copied = [shlex.split(arg) for op, arg in steps if op == "COPY"]
+    assert ["docker/adapter-constraints.txt", "./"] in copied
+    assert "!docker/adapter-constraints.txt" in (ROOT / ".dockerignore").read_text().split()
     assert ("EXPOSE", "8100") in steps
     healthcheck = next(arg for op, arg in steps if op == "HEALTHCHECK")
     assert "/readyz" in healthcheck and "curl" not in healthcheck
@@ -273,3 +279,35 @@ def test_compose_healthchecks_are_valid_python(compose: dict[str, Any]) -> None:
         test = service["healthcheck"]["test"]
         assert test[1:3] == ["python", "-c"], name
         compile(test[3], f"{name} healthcheck", "exec")
+
+
+def _runtime_requirements(distribution: str) -> list[Requirement]:
+    """What ``distribution`` (as installed here) needs at run time on this Python, no extras."""
+    requirements = [Requirement(text) for text in metadata.requires(distribution) or []]
+    return [r for r in requirements if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
+def test_adapter_image_pins_every_runtime_dependency() -> None:
+    """The image installs docker/adapter-constraints.txt: one exact pin for each dependency in
+    pyproject (within its range), and for each dependency of a pinned package. The latter is
+    read from the package as installed here, so only where that is the pinned version: a newer
+    release in a fresh test environment does not make the image's lock wrong."""
+    pins: dict[str, str] = {}
+    for line in (ROOT / "docker" / "adapter-constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line}"
+            pins[canonicalize_name(name)] = version
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for requirement in map(Requirement, declared):
+        if requirement.marker is None or requirement.marker.evaluate():  # the image's 3.11
+            pin = pins.get(canonicalize_name(requirement.name))
+            assert pin and requirement.specifier.contains(pin), (str(requirement), pin)
+    checked = 0
+    for name, version in pins.items():
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            if metadata.version(name) == version:
+                checked += 1
+                for requirement in _runtime_requirements(name):
+                    assert canonicalize_name(requirement.name) in pins, (name, str(requirement))
+    assert checked, "no pinned version is installed here: regenerate the file (see its header)"

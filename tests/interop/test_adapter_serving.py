@@ -201,7 +201,7 @@ def test_s06_fastchat_and_dbgpt_stream_concurrently_from_one_worker(
     def adapter_queue(client: httpx.Client) -> float:
         text = client.get(adapter.url + "/metrics").text
         samples = metric_values(text, "fastchat_adapter_upstream_queue_length")
-        return max([v for labels, v in samples if labels.get("model") == model] or [0.0])
+        return max([v for labels, v in samples if labels.get("model_name") == model] or [0.0])
 
     samplers = [
         threading.Thread(target=sample, args=("worker", worker_queue, 0.05), daemon=True),
