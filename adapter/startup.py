@@ -21,9 +21,13 @@ SECRET_WORDS: Final = frozenset({"key", "token", "password", "secret"})
 
 def registration_mode(settings: Settings) -> str:
     """``standalone`` (no ``--controller-address``: the adapter serves the controller API
-    itself), else ``registered, fan-out``: every instance on every controller given."""
+    itself); ``registered, failover`` (``--controller-mode failover`` with several controllers:
+    one at a time, the next on failure); else ``registered, fan-out`` (every instance on every
+    controller given). ``Registrar.create`` makes the same choice."""
     if settings.standalone:
         return "standalone"
+    if settings.controller_mode == "failover" and len(settings.controller_address) > 1:
+        return "registered, failover"
     return "registered, fan-out"
 
 

@@ -1,11 +1,13 @@
 """``adapter/cli.py``: the ``serve`` flags generated from the settings model (``--help``, boolean
-``--no-`` flags, choices) and its one-line errors with exit code 2. (What the settings are and
-where they come from: ``test_settings.py``; the ``check`` command: ``tools/test_check.py``.)"""
+``--no-`` flags, choices), its one-line errors with exit code 2, and ``--version``. (What the
+settings are and where they come from: ``test_settings.py``; the ``check`` command:
+``tools/test_check.py``; ``--print-config``: ``test_startup.py``.)"""
 
 from __future__ import annotations
 
 import pytest
 
+from adapter import __version__
 from adapter.cli import main
 from adapter.settings import ENV_PREFIX, Settings
 from tests.adapter.helpers import parse_serve
@@ -67,3 +69,10 @@ def test_serve_help_lists_every_setting_with_default_and_env(
     assert "[default: '127.0.0.1'; env FASTCHAT_ADAPTER_HOST]" in text
     assert "[default: 8100; env FASTCHAT_ADAPTER_PORT]" in text
     assert text.count("[default:") >= len(Settings.model_fields)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"fastchat-adapter {__version__}\n"

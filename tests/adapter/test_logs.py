@@ -63,3 +63,30 @@ def test_text_log_format_is_one_plain_line(json_log: io.StringIO) -> None:
     assert line.count("\n") == 1
     assert "INFO fastchat_adapter.test hello there k=1" in line
     assert json_log.getvalue() == ""
+
+
+async def test_access_line_of_an_in_band_failure_says_outcome_and_error_code(
+    ref_worker: LoopbackServer, json_log: io.StringIO
+) -> None:
+    """HTTP 200 with an error frame: the access line must not look like a success."""
+    app = create_app(settings_for(ref_worker.url, status_interval=0.05))
+    chat = {"messages": [{"role": "human", "content": "Hi"}], "max_new_tokens": 4}
+    async with in_process(app) as client:
+        await eventually(lambda: status_is(client, "/readyz", 200), what="ready")
+        for model in ("nope", "ref"):
+            reply = await client.post("/api/worker/generate_stream", json={**chat, "model": model})
+            assert reply.status_code == 200
+        text = io.StringIO()
+        setup_logging("text", "info", text)
+        await client.post("/api/worker/generate", json={**chat, "model": "nope"})
+
+    failed, ok = [
+        line for line in log_lines(json_log) if line["logger"] == "fastchat_adapter.access"
+    ]
+    assert (failed["status"], failed["outcome"], failed["error_code"]) == (200, "rejected", 40301)
+    assert failed["message"].endswith(" outcome=rejected error_code=40301"), failed["message"]
+    assert (ok["status"], ok["outcome"], ok["error_code"]) == (200, "ok", None)
+    assert ok["message"].endswith(" outcome=ok"), ok["message"]
+    [line] = [line for line in text.getvalue().splitlines() if "fastchat_adapter.access" in line]
+    assert " POST /api/worker/generate 200 " in line
+    assert line.endswith(" outcome=rejected error_code=40301"), line

@@ -8,6 +8,7 @@ controller (``--fastchat-controller-address``)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from adapter.errors import NoWorker, UpstreamError
 from adapter.metrics import Metrics
 from adapter.pool import PoolEvent, WorkerPool
 from adapter.tools.reference_worker import ReferenceWorkerConfig
+from adapter.tools.reference_worker import create_app as reference_app
 from adapter.upstream import FastChatClient, make_http_client
 from protocol.fastchat import ErrorCode
 from tests.adapter.helpers import (
@@ -381,3 +383,40 @@ async def test_models_the_fastchat_controller_lists_as_multimodal_get_images(
         status, _ = await stream(adapter.client, body)
     assert status == 200
     assert worker.bodies(UPSTREAM_STREAM)[0]["images"] == ["http://a/cat.png"]
+
+
+async def test_a_worker_down_is_a_warning_at_start_and_at_each_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Down at start, up, down again: one WARNING per down spell, naming worker and cause."""
+    server = LoopbackServer(reference_app(ReferenceWorkerConfig(model_names=("m",))))
+    server.start()
+    server.stop()  # the port is known and closed: the worker is down at start
+    caplog.set_level(logging.INFO, logger="fastchat_adapter.pool")
+    http = make_http_client(1.0)
+    metrics = Metrics()
+    client = FastChatClient(http, idle_timeout=1.0)
+    pool = WorkerPool.from_addresses(client, metrics, llm=[server.url])
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    try:
+        await pool.refresh()
+        await pool.refresh()  # still down: said once
+        [first] = warnings()
+        assert first.startswith(f"FastChat worker {server.url} is down: unreachable: "), first
+        await asyncio.to_thread(server.start)
+        await pool.refresh()
+        assert any(f"worker {server.url} is up" in r.getMessage() for r in caplog.records)
+        await asyncio.to_thread(server.stop)
+        await pool.refresh()
+        await pool.refresh()
+        assert len(warnings()) == 2 and warnings()[1].startswith(f"FastChat worker {server.url}")
+    finally:
+        await http.aclose()
+    failures = {"worker": server.url, "reason": "unreachable"}
+    sample = metrics.registry.get_sample_value(
+        "fastchat_adapter_status_poll_failures_total", failures
+    )
+    assert sample == 4

@@ -604,3 +604,57 @@ async def test_lifespan_end_without_a_signal_still_deregisters(tiny: FakeWorker)
         assert fake.listing() == []
         [delete] = controller_calls(fake, DELETE)
         assert delete.query["remove_from_registry"] == "true"
+
+
+# --- a controller that fails: the cause in every warning, and what the address really is -----
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "fastchat_adapter.registration" and r.levelno == logging.WARNING
+    ]
+
+
+async def test_a_failing_controller_is_warned_about_with_its_cause_throttled(
+    tiny: FakeWorker, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="fastchat_adapter.registration")
+    dead = LoopbackServer(FastAPI())
+    dead.start()
+    dead.stop()  # refuses connections
+    config = settings_for(tiny.url, brisk=True, controller_address=[dead.url])
+    async with running(config) as runtime:
+        failures = {"controller": dead.url, "operation": "register", "reason": "unreachable"}
+
+        def failed() -> float:
+            return sample(runtime, "fastchat_adapter_registration_failures_total", **failures)
+
+        await eventually(lambda: failed() >= 3, what="three failed attempts")
+        [warning] = warnings_of(caplog)  # retried every few tenths of a second: said once
+        assert warning.startswith(f"DB-GPT controller {dead.url}: POST /api/controller/models")
+        assert "unreachable" in warning and "retrying with backoff" in warning
+        monkeypatch.setattr(registration, "WARN_EVERY", 0.0)  # every retry warns now
+        await eventually(lambda: len(warnings_of(caplog)) >= 3, what="repeated warnings")
+    assert all("unreachable" in w for w in warnings_of(caplog))
+
+
+@pytest.mark.parametrize("kind", ["FastChat worker", "FastChat controller"])
+async def test_a_fastchat_address_given_as_controller_gets_a_hint(
+    tiny: FakeWorker, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """FastChat's own --controller-address means a FastChat controller: given here, the address
+    answers 404 to DB-GPT's registry calls, and the warning says what it answers like."""
+    caplog.set_level(logging.INFO, logger="fastchat_adapter.registration")
+    # StatusWorker answers /list_models and /worker_get_status, as a FastChat controller (§2).
+    wrong = worker("other") if kind == "FastChat worker" else StatusWorker("other")
+    with wrong.server as server:
+        config = settings_for(tiny.url, brisk=True, controller_address=[server.url])
+        async with running(config):
+            await eventually(lambda: bool(warnings_of(caplog)), what="a warning")
+            [warning] = warnings_of(caplog)  # before the deregistration at shutdown
+    assert "HTTP 404" in warning, warning
+    assert f"it answers like a {kind}" in warning, warning
+    flag = "--worker-address" if kind == "FastChat worker" else "--fastchat-controller-address"
+    assert flag in warning, warning

@@ -125,7 +125,7 @@ async def test_unknown_model_is_an_in_band_error_naming_the_served_models(
     fake = fake_worker()
     async with serving(settings_for(fake.url)) as adapter:
         status, frames = await stream(adapter.client, {**chat(), "model": "gpt-4"})
-        labels = {"route": "generate_stream", "model": "unknown", "outcome": "rejected"}
+        labels = {"route": "generate_stream", "model_name": "unknown", "outcome": "rejected"}
         await eventually(
             lambda: adapter.sample("fastchat_adapter_requests_total", **labels) == 1,
             what="the request counted",
@@ -162,7 +162,7 @@ async def test_worker_unreachable(fake_worker: StartFake) -> None:
         # Marked down at once: the next request is refused without trying the worker.
         status, frames = await stream(adapter.client, chat(max_new_tokens=1))
         only_error(frames, 50005, "no live FastChat worker serves model", MODEL)
-        labels = {"worker": fake.url, "model": MODEL, "reason": "unreachable"}
+        labels = {"worker": fake.url, "model_name": MODEL, "reason": "unreachable"}
         assert adapter.sample("fastchat_adapter_upstream_errors_total", **labels) == 1
 
 
@@ -222,7 +222,7 @@ async def test_in_band_error_chunk_is_forwarded_and_ends_the_stream(
     fake.fail_next(ErrorChunk(after_chunks=1, message="CUDA out of memory", error_code=50002))
     async with serving(settings_for(fake.url)) as adapter:
         status, frames = await stream(adapter.client, chat(max_new_tokens=6))
-        labels = {"worker": fake.url, "model": MODEL, "reason": "in_band"}
+        labels = {"worker": fake.url, "model_name": MODEL, "reason": "in_band"}
         assert adapter.sample("fastchat_adapter_upstream_errors_total", **labels) == 1
     assert status == 200 and len(frames) == 2
     error = only_error(frames, 50002)
@@ -279,7 +279,7 @@ async def test_a_worker_hanging_after_its_final_chunk_does_not_hold_the_stream_o
             stream(adapter.client, chat(max_new_tokens=3)),
             "a stream whose worker hangs after the final chunk",
         )
-        reasons = {"worker": fake.url, "model": MODEL, "reason": "idle_timeout"}
+        reasons = {"worker": fake.url, "model_name": MODEL, "reason": "idle_timeout"}
         assert adapter.sample("fastchat_adapter_upstream_errors_total", **reasons) == 0
     assert status == 200 and frames == clean
     await fake.wait_for_disconnects(1)  # the upstream was closed, freeing the slot

@@ -13,6 +13,7 @@ import inspect
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from adapter import __version__
 from adapter.app import create_app
+from adapter.cli import ExitCode
 from adapter.runtime import Runtime
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from tests.adapter.helpers import (
@@ -76,14 +79,15 @@ CLI = Path(sys.executable).with_name("fastchat-adapter")
 
 @contextmanager
 def _adapter_cli(
-    tmp_path: Path, port: int, worker: str, controller: str
+    tmp_path: Path, port: int, worker: str, controller: str | None, *extra: str
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """The real ``fastchat-adapter serve`` with fast heartbeats; output in adapter.log; killed
-    at exit if a test left it running."""
+    """The real ``fastchat-adapter serve`` with fast heartbeats (standalone without a
+    controller), then ``extra`` flags; output in adapter.log; killed at exit if a test left it
+    running."""
     command = [
         str(CLI), "serve", "--port", str(port), "--worker-address", worker,
-        "--controller-address", controller, "--heartbeat-interval", "0.2",
-        "--status-interval", "0.2", "--shutdown-grace", "10",
+        "--heartbeat-interval", "0.2", "--status-interval", "0.2", "--shutdown-grace", "10",
+        *(["--controller-address", controller] if controller else []), *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("FASTCHAT_ADAPTER_")}
     with (tmp_path / "adapter.log").open("wb") as log:
@@ -195,3 +199,72 @@ def test_uvicorn_main_loop_polls_should_exit_and_shutdown_reads_force_exit() -> 
     assert "sockets" in inspect.signature(uvicorn.Server.serve).parameters
     config = inspect.signature(uvicorn.Config).parameters
     assert "timeout_graceful_shutdown" in config
+
+
+# --- the start: bind first, then say what this process is ----------------------------------
+
+
+def test_cli_port_in_use_exits_3_before_registering(tmp_path: Path) -> None:
+    with (
+        socket.socket() as taken,
+        FakeWorker(ReferenceWorkerConfig(model_names=("tiny",))) as worker,
+        FakeController() as fake,
+    ):
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with _adapter_cli(tmp_path, port, worker.url, fake.url) as proc:
+            assert proc.wait(timeout=20) == ExitCode.CANNOT_START == 3
+        assert fake.calls == []  # nothing registered, so nothing to take back
+    output = (tmp_path / "adapter.log").read_text(errors="replace")
+    assert f"cannot listen on 127.0.0.1:{port}" in output, output
+    assert "Traceback" not in output
+
+
+def _startup_line(tmp_path: Path, port: int, proc: subprocess.Popen[bytes]) -> str:
+    """The adapter's first log line, once it serves; then SIGTERM and a clean exit."""
+    url = f"http://127.0.0.1:{port}/readyz"
+    deadline = time.monotonic() + 20
+    while not _answers(url):
+        assert proc.poll() is None and time.monotonic() < deadline, "the adapter did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == ExitCode.OK
+    return (tmp_path / "adapter.log").read_text().splitlines()[0]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.ConnectError:  # bound, not accepting yet
+        return False
+
+
+def test_cli_startup_line_says_what_this_process_is(tmp_path: Path) -> None:
+    with (
+        FakeWorker(ReferenceWorkerConfig(model_names=("tiny",))) as worker,
+        FakeController() as fake,
+    ):
+        port = free_port()
+        with _adapter_cli(tmp_path, port, worker.url, fake.url) as proc:
+            line = _startup_line(tmp_path, port, proc)
+    assert " INFO fastchat_adapter.server " in line
+    assert line.split(" fastchat_adapter.server ", 1)[1] == (
+        f"fastchat-adapter {__version__} | mode registered, fan-out | "
+        f"advertised http://127.0.0.1:{port} | listening 127.0.0.1:{port} | "
+        f"workers llm {worker.url} | controllers {fake.url}"
+    )
+
+
+def test_cli_startup_line_as_json_fields(tmp_path: Path) -> None:
+    with FakeWorker(ReferenceWorkerConfig(model_names=("tiny",))) as worker:
+        port = free_port()
+        extra = ("--log-format", "json", "--register-host", "adapter.local")
+        with _adapter_cli(tmp_path, port, worker.url, None, *extra) as proc:
+            line = json.loads(_startup_line(tmp_path, port, proc))
+    assert (line["logger"], line["level"]) == ("fastchat_adapter.server", "info")
+    assert line["mode"] == "standalone" and line["version"] == __version__
+    assert line["advertised_url"] == f"http://adapter.local:{port}"
+    assert line["listen"] == f"127.0.0.1:{port}"
+    assert line["workers"] == [f"llm {worker.url}"]
+    assert line["controllers"] == ["self (standalone)"]

@@ -167,13 +167,13 @@ def test_bad_address_exits_2_naming_the_option(
 
 @pytest.mark.parametrize("host", ["10.0.0.9", "adapter", "fastchat_adapter.svc.local", "::1"])
 def test_register_host_takes_a_bare_host_or_ip(host: str) -> None:
-    settings = parse(*WORKER, "--register-host", host)
+    settings = parse_serve(*WORKER, "--register-host", host)
     assert settings.advertised_host == host
 
 
 def test_env_list_as_json_is_a_list(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASTCHAT_ADAPTER_WORKER_ADDRESS", '["http://a:1", "http://b:2/"]')
-    assert parse().worker_address == ["http://a:1", "http://b:2"]
+    assert parse_serve().worker_address == ["http://a:1", "http://b:2"]
     monkeypatch.setenv("FASTCHAT_ADAPTER_CONTROLLER_ADDRESS", '["http://c:8000"')
     assert main(["serve"]) == 2  # a broken JSON list is an error, not a URL "[http://c:8000"
 

@@ -120,7 +120,7 @@ async def test_client_leaving_mid_stream_closes_the_upstream(fake_worker: StartF
                 break
         await assert_slot_freed(fake)
         await eventually(lambda: adapter.runtime.inflight.count == 0, what="drained")
-        labels = {"route": "generate_stream", "model": MODEL, "outcome": "client_gone"}
+        labels = {"route": "generate_stream", "model_name": MODEL, "outcome": "client_gone"}
         assert adapter.sample("fastchat_adapter_requests_total", **labels) == 1  # after drain
 
 

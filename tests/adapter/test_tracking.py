@@ -31,15 +31,18 @@ async def test_metrics_and_inflight_accounting(fake_worker: StartFake) -> None:
     async with serving(settings_for(fake.url)) as adapter:
         task = asyncio.create_task(stream(adapter.client, chat(max_new_tokens=3)))
         await eventually(lambda: adapter.runtime.inflight.count == 1, what="in flight")
-        labels = {"route": "generate_stream", "model": MODEL}
-        assert adapter.sample("fastchat_adapter_requests_in_flight", **labels) == 1
+        labels = {"route": "generate_stream", "model_name": MODEL}
+        # Before its first token the stream is waiting, not running (vLLM's meaning).
+        assert adapter.sample("fastchat_adapter_num_requests_waiting", model_name=MODEL) == 1
+        assert adapter.sample("fastchat_adapter_num_requests_running", **labels) == 0
         await task
         await eventually(lambda: adapter.runtime.inflight.count == 0, what="drained")
-        assert adapter.sample("fastchat_adapter_requests_in_flight", **labels) == 0
+        assert adapter.sample("fastchat_adapter_num_requests_waiting", model_name=MODEL) == 0
+        assert adapter.sample("fastchat_adapter_num_requests_running", **labels) == 0
         assert adapter.sample("fastchat_adapter_requests_total", **labels, outcome="ok") == 1
-        assert adapter.sample("fastchat_adapter_frames_relayed_total", model=MODEL) == 3
-        ttff = adapter.sample("fastchat_adapter_time_to_first_frame_seconds_sum", model=MODEL)
-        assert 0.3 <= ttff < 5
+        assert adapter.sample("fastchat_adapter_frames_relayed_total", model_name=MODEL) == 3
+        ttft = adapter.sample("fastchat_adapter_time_to_first_token_seconds_sum", model_name=MODEL)
+        assert 0.3 <= ttft < 5
 
 
 async def test_request_metrics_after_worker_api_traffic(
@@ -65,16 +68,24 @@ async def test_request_metrics_after_worker_api_traffic(
     def count(name: str, **labels: str) -> float | None:
         return metric_value(text, "fastchat_adapter_" + name, **labels)
 
-    assert count("requests_total", route="generate_stream", model="ref", outcome="ok") == 1
-    assert count("requests_total", route="generate", model="ref", outcome="ok") == 1
-    assert count("requests_total", route="generate", model="unknown", outcome="rejected") == 1
-    assert count("requests_in_flight", route="generate_stream", model="ref") == 0
-    assert count("frames_relayed_total", model="ref") == len(frames)  # streams only
-    first_frames = count("time_to_first_frame_seconds_count", model="ref")
+    ref = {"model_name": "ref"}
+    assert count("requests_total", route="generate_stream", **ref, outcome="ok") == 1
+    assert count("requests_total", route="generate", **ref, outcome="ok") == 1
+    unknown = {"model_name": "unknown"}
+    assert count("requests_total", route="generate", **unknown, outcome="rejected") == 1
+    assert count("num_requests_running", route="generate_stream", **ref) == 0
+    assert count("num_requests_waiting", **ref) == 0
+    assert count("frames_relayed_total", **ref) == len(frames)  # streams only
+    first_frames = count("time_to_first_token_seconds_count", **ref)
     assert first_frames is not None and first_frames >= 1
-    assert count("request_duration_seconds_count", route="generate_stream", model="ref") == 1
-    durations = count("request_duration_seconds_sum", route="generate_stream", model="ref")
+    assert count("e2e_request_latency_seconds_count", route="generate_stream", **ref) == 1
+    durations = count("e2e_request_latency_seconds_sum", route="generate_stream", **ref)
     assert durations is not None and durations > 0
+    # Both generations ran to max_new_tokens: usage and finish reasons are counted.
+    assert count("request_success_total", **ref, finished_reason="length") == 2
+    usage = [u for u in (json.loads(f).get("usage") for f in frames) if u][-1]
+    assert count("prompt_tokens_total", **ref) == 2 * usage["prompt_tokens"]
+    assert count("generation_tokens_total", **ref) == 2 * usage["completion_tokens"]
 
     access = [line for line in log_lines(json_log) if line["logger"] == "fastchat_adapter.access"]
     assert [(a["path"], a["model"]) for a in access if a["path"].startswith("/api/worker")] == [

@@ -16,6 +16,7 @@ from adapter.app import create_app as create_adapter
 from adapter.cli import main
 from adapter.settings import Settings
 from adapter.tools.reference_worker import ReferenceWorkerConfig, create_app
+from tests.support.fake_controller import FakeController
 from tests.support.servers import LoopbackServer
 
 Corruption = Callable[[bytes], bytes]
@@ -194,3 +195,26 @@ def test_dbgpt_check_passes_against_the_adapter(
     out = capsys.readouterr().out
     for name in ("model_metadata", "count_token", "generate_stream", "generate", "embeddings"):
         assert f"PASS  {name}" in out
+
+
+def test_dbgpt_check_of_a_registered_adapter_discovers_its_models(
+    worker: LoopbackServer, controller: FakeController, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's `check URL --kind dbgpt` on an adapter registered with a DB-GPT controller
+    (no controller API of its own): the models come from /api/worker/models/supports."""
+    settings = Settings(worker_address=[worker.url], controller_address=[controller.url])
+    with LoopbackServer(create_adapter(settings)) as adapter:
+        deadline = time.monotonic() + 10
+        while httpx.get(adapter.url + "/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the adapter did not get ready"
+            time.sleep(0.02)
+        assert main(["check", adapter.url, "--kind", "dbgpt"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  generate_stream" in out and "FAIL" not in out
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan"])
+def test_check_timeout_must_be_positive(timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "http://127.0.0.1:1", "--timeout", timeout]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--timeout" in err, err
