@@ -14,7 +14,10 @@ The lifecycle, in order:
    then heartbeats when one is due. All calls to one controller come from its one task, so
    they reach it in order (a heartbeat can never overtake the delete that followed it). A
    failing controller is retried with exponential backoff and jitter, capped at one heartbeat
-   interval; the others are not held up, and requests are served all the while.
+   interval; the others are not held up, and requests are served all the while. Its failures
+   are counted (``registration_failures_total``) and logged with their cause at the first one,
+   then every ``WARN_EVERY`` seconds; an address that answers 404/405 is asked whether it is a
+   FastChat controller or worker, and the warning says so (``ControllerLink.identify``).
 2. every ``heartbeat_interval``: poll the workers (``pool.refresh``), then heartbeat only what
    the workers that answered serve. A heartbeat re-creates a deleted instance (§10 item 18),
    so a dead worker's models are never heartbeated; the same re-creation is what puts

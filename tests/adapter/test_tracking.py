@@ -1,6 +1,7 @@
 """``adapter/tracking.py``: what each worker API request leaves behind once it is done: the
-``requests`` counter by route, model and outcome, ``requests_in_flight`` and the runtime's
-in-flight count (what SIGTERM drains), frames and durations, and its access log line."""
+``requests`` counter by route, model and outcome, ``num_requests_running`` / ``_waiting`` and
+the runtime's in-flight count (what SIGTERM drains), frames, latencies, tokens from ``usage``,
+finish reasons, and its access log line."""
 
 from __future__ import annotations
 
