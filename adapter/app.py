@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from adapter import __version__, ops_api, worker_api
-from adapter.controller_api import controller_router
+from adapter.controller_api import WritePolicy, controller_router
 from adapter.runtime import Runtime
 from adapter.settings import Settings
 
@@ -33,5 +33,16 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(worker_api.router)  # /api/worker/*: DB-GPT's worker API
     ops_api.mount(app, settings)  # probes, metrics, body limit, API key, access log
     if runtime.registry is not None:  # standalone: we are the DB-GPT controller too
-        app.include_router(controller_router(runtime.registry))
+        app.include_router(controller_router(runtime.registry, write_policy(runtime)))
     return app
+
+
+def write_policy(runtime: Runtime) -> WritePolicy:
+    """Who may write our standalone registry over HTTP (README, "Threat model")."""
+    settings, refused = runtime.settings, runtime.metrics.controller_writes_refused
+    return WritePolicy(
+        accept_workers=settings.controller_accept_workers,
+        api_key=settings.api_key,
+        allow_hosts=frozenset(settings.controller_allow_hosts),
+        on_refused=lambda reason: refused.labels(reason).inc(),
+    )

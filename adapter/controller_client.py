@@ -145,11 +145,12 @@ class EmbeddedController:
     name: str
     registry: ModelRegistry
 
+    # own=True: entries the HTTP API may not touch (adapter/controller_api.py, WritePolicy).
     async def register(self, instance: ModelInstance) -> None:
-        self.registry.register(instance)
+        self.registry.register(instance, own=True)
 
     async def heartbeat(self, instance: ModelInstance) -> None:
-        self.registry.heartbeat(instance)
+        self.registry.heartbeat(instance, own=True)
 
     async def deregister(
         self, instance: ModelInstance, *, remove: bool, timeout: float = CALL_TIMEOUT

@@ -13,6 +13,9 @@
   in-band (HTTP 200 with an error frame), the error code:
   ``POST /api/worker/generate_stream 200 4.3ms outcome=error error_code=50005``.
 - Request bodies are never logged at info level: they hold users' prompts.
+- In the text format every control character of a line's message, tags and fields is escaped
+  (``escape_controls``): a client value such as a model name with ``\n2026-… ERROR …`` in it
+  cannot forge a log line. The JSON format escapes them by construction.
 """
 
 from __future__ import annotations
@@ -101,6 +104,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: anything a terminal or
+# a log shipper could take for the end of a line or an escape sequence.
+_CONTROLS: Final = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as a ``\\xNN`` or ``\\uNNNN`` escape."""
+    return text.translate(_CONTROLS)
+
+
 class TextFormatter(logging.Formatter):
     """``2025-01-01 12:00:00,000 INFO fastchat_adapter.pool [rid model] message k=v``."""
 
@@ -111,11 +127,17 @@ class TextFormatter(logging.Formatter):
         tags = [
             t for t in (getattr(record, "request_id", None), getattr(record, "model", None)) if t
         ]
-        record.context = f" [{' '.join(tags)}]" if tags else ""
+        record.context = escape_controls(f" [{' '.join(tags)}]" if tags else "")
         # The access line already says everything its extras say; other extras are appended.
         extras = {} if getattr(record, "_in_message", False) else _extras(record)
-        record.fields = "".join(f" {k}={v}" for k, v in extras.items())
+        record.fields = escape_controls("".join(f" {k}={v}" for k, v in extras.items()))
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message is escaped here, not in format(): a traceback appended after keeps its
+        # own lines.
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -171,6 +171,24 @@ class Metrics:
             "Always 1; the labels carry the adapter version.",
             ["version"],
         )
+        # --- hardening (issue 12): refusals and cut-offs that protect the process ----------
+        self.controller_writes_refused = counter(
+            "controller_writes_refused",
+            "Writes to the standalone controller API refused with 403, by reason "
+            "(own_entry, disabled, host, api_key).",
+            ["reason"],
+        )
+        self.connections_timed_out = counter(
+            "connections_timed_out",
+            "Connections closed because the request head did not complete in time (head) or "
+            "the body stopped making progress (body).",
+            ["phase"],
+        )
+        self.streams_cut_at_shutdown = counter(
+            "streams_cut_at_shutdown",
+            "Streams ended with an error frame because the shutdown grace ran out.",
+            [],
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,11 +6,14 @@
   answers, not shutting down); otherwise 503 with the reason. It turns 503 the moment SIGTERM
   handling begins, before the streams drain.
 - ``GET /metrics``: Prometheus text format from the runtime's own registry.
-- ``GuardMiddleware``: rejects bodies over ``max_body_bytes`` (413, by Content-Length or while
-  the body streams in) and, when ``api_key`` is set, requires ``Authorization: Bearer <key>``
-  on ``/api/worker/*`` (401). DB-GPT's stream reader ignores the HTTP status and would show an
-  empty answer, so on ``generate_stream`` the rejection body is also one NUL-terminated
-  ModelOutput error frame; elsewhere it is ``{"detail": ...}``.
+- ``GuardMiddleware``: refuses a request that declares both ``Content-Length`` and
+  ``Transfer-Encoding`` (400 and close, RFC 9112 §6.1: a proxy in front that trusts the
+  Content-Length would read a different request boundary than ours), rejects bodies over
+  ``max_body_bytes`` (413, by Content-Length or while the body streams in) and, when
+  ``api_key`` is set, requires ``Authorization: Bearer <key>`` on ``/api/worker/*`` (401).
+  DB-GPT's stream reader ignores the HTTP status and would show an empty answer, so on
+  ``generate_stream`` the rejection body is also one NUL-terminated ModelOutput error frame;
+  elsewhere it is ``{"detail": ...}``.
 
 ``mount`` wires all of it into an app: the guard inside, the access log outermost.
 """
@@ -83,15 +86,26 @@ class _Rejected(HTTPException):
 def rejection(
     path: str, status: int, message: str, headers: dict[str, str] | None = None
 ) -> Response:
-    """A 401/413 answer: ``{"detail"}``, or one ModelOutput error frame on the stream route."""
+    """A 400/401/413 answer: ``{"detail"}``, or one ModelOutput error frame on the stream
+    route."""
     if path == STREAM_PATH:
-        code = ErrorCode.INVALID_AUTH_KEY if status == 401 else ErrorCode.PARAM_OUT_OF_RANGE
-        body = encode_frame(error_output(code, message).to_wire())
+        body = encode_frame(error_output(_FRAME_CODES[status], message).to_wire())
     else:
         body = json.dumps({"detail": message}).encode()
-    # An oversized body is left unread: close the connection rather than reuse it.
-    extra = {"connection": "close"} if status == 413 else {}
+    # The body is left unread (or framed ambiguously): close the connection, never reuse it.
+    extra = {"connection": "close"} if status in (400, 413) else {}
     return Response(body, status, {**extra, **(headers or {})}, "application/json")
+
+
+_FRAME_CODES: Final = {
+    400: ErrorCode.VALIDATION_TYPE_ERROR,
+    401: ErrorCode.INVALID_AUTH_KEY,
+    413: ErrorCode.PARAM_OUT_OF_RANGE,
+}
+_AMBIGUOUS_LENGTH: Final = (
+    "the request has both Content-Length and Transfer-Encoding: refused (RFC 9112 §6.1); "
+    "send one of them"
+)
 
 
 class GuardMiddleware:
@@ -106,6 +120,9 @@ class GuardMiddleware:
             return
         path: str = scope.get("path", "")
         headers = dict(scope.get("headers") or ())
+        if b"content-length" in headers and b"transfer-encoding" in headers:
+            await rejection(path, 400, _AMBIGUOUS_LENGTH)(scope, receive, send)
+            return
         if self._key is not None and path.startswith(WORKER_API_PREFIX):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self._key):

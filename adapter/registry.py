@@ -46,6 +46,7 @@ class _Entry:
     healthy: bool
     last_heartbeat: datetime
     seen: float  # monotonic time of the last register or heartbeat, for expiry
+    own: bool = False  # written by this adapter itself (its EmbeddedController), not over HTTP
 
     def to_instance(self) -> ModelInstance:
         return self.instance.model_copy(
@@ -71,26 +72,34 @@ class ModelRegistry:
         self._wall = wall
         self._by_name: dict[str, dict[tuple[str, int], _Entry]] = {}
 
-    def register(self, instance: ModelInstance) -> None:
+    def register(self, instance: ModelInstance, *, own: bool = False) -> None:
+        """``own``: the adapter registers one of its own models (see ``is_own``)."""
         name, host = instance.model_name.strip(), instance.host.strip()
         entry = self._find(name, host, instance.port)
         now_wall, now = self._wall(), self._monotonic()
         if entry is None:
             stored = instance.model_copy(update={"model_name": name, "host": host})
             self._by_name.setdefault(name, {})[(host, instance.port)] = _Entry(
-                stored, instance.weight, instance.prompt_template, True, now_wall, now
+                stored, instance.weight, instance.prompt_template, True, now_wall, now, own
             )
             return
         entry.weight, entry.prompt_template = instance.weight, instance.prompt_template
         entry.healthy, entry.last_heartbeat, entry.seen = True, now_wall, now
+        entry.own = entry.own or own
 
-    def heartbeat(self, instance: ModelInstance) -> None:
+    def heartbeat(self, instance: ModelInstance, *, own: bool = False) -> None:
         """Refresh a known instance; an unknown one is registered from the heartbeat body."""
         entry = self._find(instance.model_name.strip(), instance.host.strip(), instance.port)
         if entry is None:
-            self.register(instance)
+            self.register(instance, own=own)
             return
         entry.healthy, entry.last_heartbeat, entry.seen = True, self._wall(), self._monotonic()
+
+    def is_own(self, model_name: str) -> bool:
+        """Some instance of this worker key was written by the adapter itself: the HTTP API
+        must not delete it or add instances beside it (``adapter/controller_api.py``)."""
+        entries = self._by_name.get(model_name.strip(), {})
+        return any(entry.own for entry in entries.values())
 
     def deregister(
         self, model_name: str, host: str, port: int, *, remove_from_registry: bool = False

@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import httpx
 
@@ -31,9 +31,22 @@ from adapter.pool import WorkerPool
 from adapter.registration import Registrar
 from adapter.registry import ModelRegistry, run_expiry
 from adapter.settings import Settings
+from adapter.streaming import GoingAway
 from adapter.upstream import DEFAULT_READ_TIMEOUT, FastChatClient, make_http_client
+from protocol.fastchat import ErrorCode
+from protocol.framing import encode_frame
+from protocol.translate import error_output
 
 log = logging.getLogger("fastchat_adapter")
+
+
+_GOING_AWAY_FRAME: Final = encode_frame(
+    error_output(
+        ErrorCode.CONTROLLER_NO_WORKER,
+        "fastchat-adapter is shutting down and its shutdown grace ran out before this answer "
+        "was complete: the worker is going away; retry the request",
+    ).to_wire()
+)
 
 
 @dataclass
@@ -63,6 +76,9 @@ class Runtime:
     registry: ModelRegistry | None = None
     inflight: InFlight = field(default_factory=InFlight)
     shutting_down: bool = False
+    # Set by adapter/server.py just before the shutdown grace runs out: open streams then end
+    # with an error frame instead of being cut without a word.
+    going_away: GoingAway = field(default_factory=lambda: GoingAway(b""))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -88,7 +104,9 @@ class Runtime:
         registry = ModelRegistry() if settings.standalone else None
         registrar = Registrar.create(settings, pool, http, metrics, registry)
         pool.add_listener(registrar.on_pool_event)  # worker down/up/model list -> controllers
-        return cls(settings, metrics, http, client, pool, registrar, registry)
+        runtime = cls(settings, metrics, http, client, pool, registrar, registry)
+        runtime.going_away = GoingAway(_GOING_AWAY_FRAME, metrics.streams_cut_at_shutdown.inc)
+        return runtime
 
     @property
     def ready(self) -> bool:

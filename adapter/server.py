@@ -32,12 +32,16 @@ import uvicorn
 
 from adapter.app import create_app
 from adapter.cli import ExitCode
+from adapter.connections import read_deadlines
 from adapter.logs import setup_logging
 from adapter.runtime import Runtime
 from adapter.settings import Settings
 from adapter.startup import startup_facts, startup_line
 
 log = logging.getLogger("fastchat_adapter.server")
+
+CUT_MARGIN = 1.0
+"""Seconds before the shutdown grace ends at which still-open streams get their error frame."""
 
 
 class AdapterServer(uvicorn.Server):
@@ -71,21 +75,40 @@ class AdapterServer(uvicorn.Server):
 
     async def _shutdown_sequence(self) -> None:
         await self.runtime.begin_shutdown()
+        # Uvicorn cancels what is still running when the grace ends: end those streams with an
+        # error frame a little before, while they can still be written to.
+        grace = self.config.timeout_graceful_shutdown or 0
+        cut_at = max(0.0, grace - min(CUT_MARGIN, grace / 2))
+        asyncio.get_running_loop().call_later(cut_at, self.runtime.going_away.event.set)
         self.should_exit = True
 
 
 def build_server(settings: Settings) -> AdapterServer:
     app = create_app(settings)
+    runtime: Runtime = app.state.runtime
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=protocol_class(settings, runtime),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         lifespan="on",
     )
-    return AdapterServer(config, app.state.runtime)
+    return AdapterServer(config, runtime)
+
+
+def protocol_class(settings: Settings, runtime: Runtime) -> type[asyncio.Protocol]:
+    """Uvicorn's h11 protocol with read deadlines (adapter/connections.py), always h11: the
+    deadlines follow its parser's state, whatever else is installed."""
+    timed_out = runtime.metrics.connections_timed_out
+    return read_deadlines(
+        head_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
+        body_min_rate=settings.body_min_rate,
+        on_timeout=lambda phase: timed_out.labels(phase).inc(),
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

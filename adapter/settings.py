@@ -157,12 +157,42 @@ class Settings(BaseSettings):
         "info", description="Least severe level logged (request bodies: never at info)."
     )
 
+    # --- hardening: who may write the standalone registry, request bounds, read timeouts -
+    controller_accept_workers: bool = Field(
+        False,
+        description="Standalone controller: accept registrations, heartbeats and deletes from "
+        "other workers (the adapter's own entries stay protected).",
+    )
+    controller_allow_hosts: CommaList = Field(
+        default_factory=list,
+        description="Standalone controller: client addresses allowed to write, comma-separated "
+        "(default: any, when other workers are accepted).",
+    )
+    max_embedding_inputs: int = Field(
+        2048, ge=1, description="Most inputs one embeddings request may carry."
+    )
+    embedding_concurrency: int = Field(
+        4, ge=1, description="Upstream calls one embeddings request may have running at once."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a request head (line and headers) may take to arrive."
+    )
+    body_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a request body may take, plus one per body_min_rate bytes received.",
+    )
+    body_min_rate: int = Field(
+        1024, ge=0, description="Bytes per second that earn a slow request body more time."
+    )
+
     @field_validator(
         "worker_address",
         "embedding_worker_address",
         "model_names",
         "multimodal_models",
         "controller_address",
+        "controller_allow_hosts",
         mode="before",
     )
     @classmethod

@@ -14,6 +14,10 @@ for each frame, and owns the three things Starlette's ``StreamingResponse`` does
   a FastChat worker frees its slot. Starlette's ``StreamingResponse`` would only notice on
   ASGI 2.4 servers when a write fails, and it cancels an async generator that is not
   guaranteed to be closed promptly.
+- **Going away.** When the shutdown grace is about to run out (``GoingAway``, set by
+  ``adapter/server.py``), the producer is cancelled the same way, the stream gets one last
+  error frame saying the worker is going away, and the body ends cleanly: a DB-GPT client
+  shows that message instead of an answer silently cut short.
 
 The response is always HTTP 200 without a Content-Type, like FastChat's and DB-GPT's own
 streams: every outcome, errors included, is a frame (DB-GPT never reads the status, §6.3).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -60,10 +65,20 @@ class _Writer:
                 await self.emit(KEEPALIVE)
 
 
-async def _wait_for_disconnect(receive: Receive) -> None:
+async def wait_for_disconnect(receive: Receive) -> None:
     # The route has read the whole body already, so the next message is the disconnect.
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+@dataclass
+class GoingAway:
+    """Set once, when the shutdown grace is about to run out: every open stream then ends with
+    ``farewell`` (one error frame) and ``on_cut`` is called once per stream so ended."""
+
+    farewell: bytes
+    on_cut: Callable[[], None] = lambda: None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class FrameStreamResponse(Response):
@@ -76,6 +91,7 @@ class FrameStreamResponse(Response):
         *,
         keepalive_interval: float,
         on_done: Callable[[Outcome], None],
+        going_away: GoingAway | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -83,6 +99,7 @@ class FrameStreamResponse(Response):
         self._producer = producer
         self._keepalive_interval = keepalive_interval
         self._on_done = on_done
+        self._going_away = going_away or GoingAway(b"")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome: Outcome = "client_gone"
@@ -90,19 +107,27 @@ class FrameStreamResponse(Response):
             await send({"type": "http.response.start", "status": 200, "headers": []})
             writer = _Writer(send)
             work = asyncio.ensure_future(self._producer(writer.emit))
-            gone = asyncio.ensure_future(_wait_for_disconnect(receive))
+            gone = asyncio.ensure_future(wait_for_disconnect(receive))
             keepalive = asyncio.ensure_future(writer.keepalive(self._keepalive_interval))
+            closing = asyncio.ensure_future(self._going_away.event.wait())
+            tasks = (work, gone, keepalive, closing)
             try:
-                await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((work, gone, closing), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                finished = work.done()
-                for task in (work, gone, keepalive):
+                finished, cut = work.done(), closing.done() and not gone.done()
+                for task in tasks:
                     task.cancel()
                 # Let the producer unwind (closing the upstream) before the response ends.
-                await asyncio.gather(work, gone, keepalive, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
             if finished and not work.cancelled():
                 outcome = "error"
                 outcome = work.result()  # the producer handles its errors: a raise is a bug
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif cut:
+                outcome = "error"
+                self._going_away.on_cut()
+                await writer.emit(self._going_away.farewell)
+            else:  # the client left: nothing more to send
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self._on_done(outcome)

@@ -27,20 +27,23 @@ makes the request's ``Tracker`` and maps errors to answers: ``InvalidRequest`` -
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from adapter.embeddings import embed
 from adapter.errors import NoWorker, Refused, UpstreamError
 from adapter.model_control import apply_action, parameter_descriptions
 from adapter.pool import WorkerKind
 from adapter.relay import Relay, frame
-from adapter.streaming import FrameStreamResponse
+from adapter.streaming import FrameStreamResponse, wait_for_disconnect
 from adapter.tracking import Tracker
+from protocol import strict_json
 from protocol.dbgpt import (
     CountTokenRequest,
     EmbeddingsRequest,
@@ -87,7 +90,9 @@ def _worker_route(
     (a dict of its parameters: DB-GPT's GET routes take theirs there); ``lenient`` routes are
     answered whatever the body, with ``None`` for one that does not parse. The tracker is
     closed here when the response is made, except for a ``FrameStreamResponse``, which closes
-    it when the stream ends (the handler hands it ``tracker.done``)."""
+    it when the stream ends (the handler hands it ``tracker.done``). A non-stream handler is
+    cancelled the moment the client leaves (its upstream calls with it), counted
+    ``client_gone``."""
 
     def decorate(handler: Handler[_Wire]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
@@ -101,11 +106,21 @@ def _worker_route(
                     parsed = parse(body)
             except InvalidRequest as exc:
                 error = None if lenient else exc
+            except ClientDisconnect:  # left (or timed out) before its body was complete
+                return Response(status_code=400)  # nobody is left to read it
             tracker = Tracker(runtime, route, _model_of(body), streams=route == STREAM_ROUTE)
             try:
                 if error is not None:
                     raise error
-                response = await handler(runtime, parsed, tracker)
+                answer = handler(runtime, parsed, tracker)
+                response: Response | None
+                if route == STREAM_ROUTE:  # returns at once; the stream watches for itself
+                    response = await answer
+                else:
+                    response = await _unless_client_leaves(answer, request.receive)
+                if response is None:
+                    tracker.done("client_gone")
+                    return Response(status_code=499)  # never sent: the client is gone
             except (InvalidRequest, NoWorker, Refused, UpstreamError) as exc:
                 response = _error_response(route, tracker, exc)
             except BaseException:
@@ -140,10 +155,22 @@ def _error_response(route: str, tracker: Tracker, exc: Exception) -> Response:
 
 
 async def _body(request: Request) -> Any:
+    # Strict: NaN, lone surrogates and runaway nesting are refused like any malformed body.
+    return strict_json.loads(await request.body())
+
+
+async def _unless_client_leaves(answer: Awaitable[Response], receive: Receive) -> Response | None:
+    """``answer``'s response, or ``None`` (``answer`` cancelled) if the client leaves first.
+    The body has been read, so the next ASGI message is the disconnect (as in ``streaming``)."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(wait_for_disconnect(receive))
     try:
-        return json.loads(await request.body())
-    except ValueError as exc:
-        raise InvalidRequest(f"the body is not JSON: {exc}") from None
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work, gone):
+            task.cancel()
+        await asyncio.gather(work, gone, return_exceptions=True)
+    return work.result() if not work.cancelled() else None
 
 
 def _model_of(body: Any) -> object:
@@ -176,6 +203,7 @@ async def generate_stream(runtime: Runtime, prompt: PromptRequest, tracker: Trac
         relay.stream,
         keepalive_interval=runtime.settings.keepalive_interval,
         on_done=tracker.done,
+        going_away=runtime.going_away,
     )
 
 

@@ -12,7 +12,11 @@ from tests.support.fake_worker import FakeWorker
 
 async def test_standalone_serves_the_controller_api_with_its_own_models(tiny: FakeWorker) -> None:
     config = settings_for(
-        brisk=True, worker_address=[tiny.url], heartbeat_interval=30, port=free_port()
+        brisk=True,
+        worker_address=[tiny.url],
+        heartbeat_interval=30,
+        port=free_port(),
+        controller_accept_workers=True,
     )
     assert config.standalone
     async with serving(config, port=config.port) as adapter:
@@ -25,7 +29,7 @@ async def test_standalone_serves_the_controller_api_with_its_own_models(tiny: Fa
             config.port,
         )
         assert (await client.get("/readyz")).status_code == 200  # registered at once
-        # Any DB-GPT worker may register here too, as with a real controller.
+        # With --controller-accept-workers, other DB-GPT workers may register here too.
         other = {"model_name": "other@llm", "host": "10.0.0.9", "port": 1}
         assert (await client.post("/api/controller/heartbeat", json=other)).json() is True
         listed = (await client.get("/api/controller/models")).json()

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from protocol.dbgpt import ModelInstance
+from tests.adapter.helpers import serving, settings_for
 from tests.support.fake_controller import FakeController
+from tests.support.fake_worker import FakeWorker
 
 CAP_BODY = {
     "model_name": "cap@llm",
@@ -176,3 +179,112 @@ def test_injected_failures_and_restart_forget_state(
     controller.restart()
     with httpx.Client(base_url=controller.url, trust_env=False, timeout=5) as fresh:
         assert fresh.get("/api/controller/models").json() == []
+
+
+# --- issue 12, item 1: one POST must not break the listing --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [
+        ('{"model_name":"evil\\ud800@llm","host":"h","port":1}', "surrogate"),
+        ('{"model_name":"m@llm","host":"h\\udfff","port":1}', "surrogate"),
+        ('{"model_name":"m@llm","host":"h","port":1,"weight":NaN}', "NaN"),
+        ('{"model_name":"m@llm","host":"h","port":1,"weight":1e999}', "float"),
+        ('{"model_name":"m@llm","host":"h","port":1,"x":' + "[" * 20_000 + "}", "nests"),
+    ],
+    ids=["surrogate-name", "surrogate-host", "nan", "1e999", "deep"],
+)
+@pytest.mark.parametrize("path", ["/api/controller/models", "/api/controller/heartbeat"])
+def test_bodies_no_listing_could_write_back_are_422_and_the_listing_stays_200(
+    http: httpx.Client, path: str, content: str, what: str
+) -> None:
+    http.post("/api/controller/models", json=CAP_BODY)
+    [error] = detail(http.post(path, content=content, headers=JSON))
+    assert error["type"] == "json_invalid" and what in error["ctx"]["error"]
+    for params in ({}, {"healthy_only": "true"}):
+        listed = http.get("/api/controller/models", params=params)
+        assert listed.status_code == 200
+        assert [i["model_name"] for i in listed.json()] == ["cap@llm"]
+
+
+def test_a_stored_value_that_cannot_be_written_does_not_break_the_listing(
+    http: httpx.Client, controller: FakeController
+) -> None:
+    # Not through HTTP any more: as if a FastChat worker reported such a model name.
+    http.post("/api/controller/models", json=CAP_BODY)
+    controller.registry.register(ModelInstance(model_name="odd\ud800@llm", host="h", port=1))
+    controller.registry.register(
+        ModelInstance(model_name="nan@llm", host="h", port=1, weight=float("nan"))
+    )
+    for params in ({}, {"healthy_only": "true"}):
+        listed = http.get("/api/controller/models", params=params)
+        assert listed.status_code == 200
+        names = [i["model_name"] for i in listed.json()]
+        assert names == ["cap@llm", "odd\ud800@llm"]  # an ASCII escape; the NaN entry left out
+
+
+# --- issue 12, item 2: who may write the adapter's own standalone registry ----------------
+
+OWN = "reference-model@llm"
+REFUSED = "fastchat_adapter_controller_writes_refused_total"
+
+
+def _own_delete(port: int) -> str:
+    return f"/api/controller/models?model_name={OWN}&host=127.0.0.1&port={port}"
+
+
+async def test_strangers_cannot_delete_or_shadow_the_adapters_own_entries(
+    fake_worker: Callable[..., FakeWorker],
+) -> None:
+    config = settings_for(fake_worker().url)  # standalone, defaults: only our own models
+    async with serving(config) as adapter:
+        client = adapter.client
+        shadow = {"model_name": OWN, "host": "10.9.9.9", "port": 80}
+        other = {"model_name": "other@llm", "host": "10.9.9.9", "port": 80}
+        answers = [
+            await client.post("/api/controller/models", json=shadow),
+            await client.post("/api/controller/heartbeat", json=shadow),
+            await client.delete(_own_delete(config.port) + "&remove_from_registry=true"),
+            await client.post("/api/controller/models", json=other),
+        ]
+        assert [a.status_code for a in answers] == [403] * 4
+        assert "registered by this adapter itself" in answers[0].json()["detail"]
+        assert "--controller-accept-workers" in answers[3].json()["detail"]
+        listed = (await client.get("/api/controller/models")).json()
+        assert [(i["model_name"], i["host"], i["healthy"]) for i in listed] == [
+            (OWN, "127.0.0.1", True)
+        ]
+        assert adapter.sample(REFUSED, reason="own_entry") == 3
+        assert adapter.sample(REFUSED, reason="disabled") == 1
+
+
+async def test_other_workers_write_only_when_enabled_with_the_key_from_allowed_hosts(
+    fake_worker: Callable[..., FakeWorker],
+) -> None:
+    fake = fake_worker()
+    other = {"model_name": "other@llm", "host": "10.9.9.9", "port": 80}
+    keyed = settings_for(fake.url, controller_accept_workers=True, api_key="s3cret")
+    async with serving(keyed) as adapter:
+        client, key = adapter.client, {"authorization": "Bearer s3cret"}
+        assert (await client.post("/api/controller/models", json=other)).status_code == 403
+        assert (await client.get("/api/controller/models")).status_code == 200  # reads: open
+        reply = await client.post("/api/controller/models", json=other, headers=key)
+        assert (reply.status_code, reply.json()) == (200, True)
+        shadow = other | {"model_name": OWN}
+        assert (
+            await client.post("/api/controller/models", json=shadow, headers=key)
+        ).status_code == 403
+        assert adapter.sample(REFUSED, reason="api_key") == 1
+    elsewhere = settings_for(
+        fake.url, controller_accept_workers=True, controller_allow_hosts="10.1.1.1"
+    )
+    async with serving(elsewhere) as adapter:
+        reply = await adapter.client.post("/api/controller/heartbeat", json=other)
+        assert reply.status_code == 403 and "127.0.0.1" in reply.json()["detail"]
+        assert adapter.sample(REFUSED, reason="host") == 1
+    here = settings_for(
+        fake.url, controller_accept_workers=True, controller_allow_hosts="127.0.0.1"
+    )
+    async with serving(here) as adapter:
+        assert (await adapter.client.post("/api/controller/heartbeat", json=other)).json() is True

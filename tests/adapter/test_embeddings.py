@@ -9,7 +9,7 @@ import json
 
 import httpx
 
-from adapter.embeddings import CONCURRENCY
+from adapter.settings import Settings
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from tests.adapter.helpers import (
     MOCK_WORKER,
@@ -77,7 +77,7 @@ async def test_embeddings_concurrency_is_bounded_and_order_kept() -> None:
         inputs = [str(i) for i in range(10)]
         reply = await client.post("/api/worker/embeddings", json={"model": "m", "input": inputs})
     assert reply.json() == [[float(i)] for i in range(10)]
-    assert peak == CONCURRENCY
+    assert peak == Settings(worker_address=["http://w"]).embedding_concurrency  # the default
 
 
 async def test_one_failing_embeddings_call_fails_the_request() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 
 from adapter.app import create_app
 from adapter.logs import setup_logging
@@ -90,3 +91,27 @@ async def test_access_line_of_an_in_band_failure_says_outcome_and_error_code(
     [line] = [line for line in text.getvalue().splitlines() if "fastchat_adapter.access" in line]
     assert " POST /api/worker/generate 200 " in line
     assert line.endswith(" outcome=rejected error_code=40301"), line
+
+
+# --- log forging (issue 12, item 8) ---------------------------------------------------------
+
+FORGED = "2026-12-07 12:00:00,000 ERROR fastchat_adapter.pool forged"
+LINE_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")
+
+
+async def test_text_log_lines_cannot_be_forged_by_client_values(
+    ref_worker: LoopbackServer, json_log: io.StringIO
+) -> None:
+    stream = io.StringIO()
+    setup_logging("text", "info", stream)
+    app = create_app(settings_for(ref_worker.url, status_interval=0.05))
+    async with in_process(app) as client:
+        await client.post("/api/worker/generate", json={"model": f"m\n{FORGED}", "prompt": "x"})
+        await client.get(f"/api/worker/x%0d%0a{FORGED.replace(' ', '%20')}")
+        rid = {"x-request-id": b"r\x7f\x1b[2J\x85"}  # terminal escapes, DEL, NEL
+        await client.get("/api/worker/parameter/descriptions", headers=rid)
+    lines = stream.getvalue().splitlines()
+    assert lines and all(LINE_START.match(line) for line in lines), lines
+    forged = [line for line in lines if FORGED in line]
+    assert len(forged) >= 2 and all("\\x0a" in line for line in forged), forged
+    assert any("r\\x7f\\x1b[2J\\x85" in line for line in lines), lines

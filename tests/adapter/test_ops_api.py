@@ -6,7 +6,8 @@ e.g. ``begin_shutdown``) against real reference workers on loopback.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -125,7 +126,10 @@ async def test_body_limit_by_content_length(ref_worker: LoopbackServer) -> None:
 
 
 async def test_body_limit_while_the_body_streams_in(ref_worker: LoopbackServer) -> None:
-    app = create_app(settings_for(ref_worker.url, max_body_bytes=100, status_interval=0.05))
+    config = settings_for(
+        ref_worker.url, max_body_bytes=100, status_interval=0.05, controller_accept_workers=True
+    )
+    app = create_app(config)
 
     async def chunks(total: int) -> AsyncIterator[bytes]:
         body = json.dumps({"model_name": "m@llm", "host": "h" * total, "port": 1}).encode()
@@ -186,3 +190,27 @@ async def test_api_key_guards_only_the_worker_api(ref_worker: LoopbackServer) ->
         assert isinstance(reply.json(), int)
         for path in (*PROBES, "/api/controller/models"):
             assert await status_of(client, path) == 200
+
+
+# --- guard: Content-Length with Transfer-Encoding (issue 12, item 10) -------------------------
+
+
+def test_content_length_with_transfer_encoding_is_400_and_closes(
+    ref_worker: LoopbackServer, serve_app: Callable[..., LoopbackServer]
+) -> None:
+    adapter = serve_app(create_app(settings_for(ref_worker.url)))
+    smuggled = b"GET /api/worker/parameter/descriptions HTTP/1.1\r\nhost: a\r\n\r\n"
+    body = b"0\r\n\r\n" + smuggled
+    request = (
+        b"POST /api/worker/count_token HTTP/1.1\r\nhost: a\r\ncontent-type: application/json"
+        b"\r\ncontent-length: %d\r\ntransfer-encoding: chunked\r\n\r\n" % len(body)
+    ) + body
+    with socket.create_connection(("127.0.0.1", adapter.port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes: EOF, not a timeout
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower()
+    assert b"Content-Length and Transfer-Encoding" in rest
+    assert answer.count(b"HTTP/1.1") == 1  # the smuggled request was never answered

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -268,3 +269,85 @@ def test_cli_startup_line_as_json_fields(tmp_path: Path) -> None:
     assert line["listen"] == f"127.0.0.1:{port}"
     assert line["workers"] == [f"llm {worker.url}"]
     assert line["controllers"] == ["self (standalone)"]
+
+
+# --- issue 12, items 5, 9 and 11: the grace running out, /readyz while draining -----------
+
+
+def _read_stream(port: int, results: list[tuple[bytes, str]], started: threading.Event) -> None:
+    """One long stream; appends (raw body, how it ended) to ``results``."""
+    body = {"model": "tiny", "prompt": "hello", "max_new_tokens": 200, "echo": False}
+    url = f"http://127.0.0.1:{port}/api/worker/generate_stream"
+    raw, how = b"", "complete"
+    try:
+        with (
+            httpx.Client(trust_env=False, timeout=30) as client,
+            client.stream("POST", url, json=body) as reply,
+        ):
+            for data in reply.iter_raw():
+                raw += data
+                started.set()
+    except httpx.HTTPError as exc:
+        how = f"broken: {exc!r}"
+    results.append((raw, how))
+
+
+def _probe_until_exit(port: int, proc: subprocess.Popen[bytes]) -> set[str]:
+    """Every distinct answer of /readyz from now until the process exits."""
+    seen: set[str] = set()
+    with httpx.Client(trust_env=False, timeout=5) as client:
+        while proc.poll() is None:
+            try:
+                seen.add(str(client.get(f"http://127.0.0.1:{port}/readyz").status_code))
+            except httpx.ConnectError:
+                seen.add("refused")
+            except httpx.HTTPError as exc:
+                seen.add(type(exc).__name__)
+            time.sleep(0.05)
+    return seen
+
+
+def test_cli_streams_cut_by_the_grace_get_an_error_frame_and_readyz_is_never_200(
+    tmp_path: Path,
+) -> None:
+    slow = ReferenceWorkerConfig(model_names=("tiny",), tokens_per_second=5)  # 40 s streams
+    with FakeWorker(slow) as worker, FakeController() as fake:
+        port = free_port()
+        grace = ("--shutdown-grace", "2", "--header-timeout", "1")
+        with _adapter_cli(tmp_path, port, worker.url, fake.url, *grace) as proc:
+            _wait_sync(lambda: controller_calls(fake, REGISTER, "tiny@llm"), 15)
+            # Item 9 through the real CLI: a head that never completes is answered 408.
+            assert _partial_head(port).startswith(b"HTTP/1.1 408")
+            results: list[tuple[bytes, str]] = []
+            started = [threading.Event() for _ in range(5)]
+            readers = [
+                threading.Thread(target=_read_stream, args=(port, results, event))
+                for event in started
+            ]
+            for reader in readers:
+                reader.start()
+            for event in started:
+                assert event.wait(15)
+            proc.send_signal(signal.SIGTERM)
+            readyz = _probe_until_exit(port, proc)
+            for reader in readers:
+                reader.join(30)
+            assert proc.wait(timeout=20) == 0
+        output = (tmp_path / "adapter.log").read_text(errors="replace")
+    assert "200" not in readyz and readyz <= {"503", "refused"}, readyz
+    assert len(results) == 5
+    for raw, how in results:
+        assert how == "complete", (how, output)
+        assert raw.endswith(b"\0"), raw[-200:]
+        last = json.loads([p for p in raw.split(b"\0") if p][-1])
+        assert last["error_code"] == 50005 and "going away" in last["text"], last
+    assert "Cancel" not in output  # uvicorn had nothing left to cancel when the grace ended
+
+
+def _partial_head(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nhost: a\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer

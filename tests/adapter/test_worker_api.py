@@ -5,9 +5,11 @@ parse (start, stop and restart are in ``test_model_control.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import httpx
 import pytest
 
 from adapter.model_control import parameter_descriptions
@@ -18,6 +20,7 @@ from tests.adapter.helpers import (
     STREAM,
     StartFake,
     chat,
+    eventually,
     only_error,
     serving,
     settings_for,
@@ -28,6 +31,9 @@ from tests.adapter.helpers import (
 from tests.support.fake_worker import Hang, HttpError
 
 EMBED = "/worker_get_embeddings"
+IN_FLIGHT = "fastchat_adapter_num_requests_running"
+REQUESTS = "fastchat_adapter_requests_total"
+EMBED_LABELS = {"route": "embeddings", "model_name": MODEL}
 
 
 def error(text: str, code: int) -> dict[str, Any]:
@@ -143,6 +149,65 @@ async def test_body_that_is_not_json_is_422(fake_worker: StartFake) -> None:
     only_error(split(reply.content)[0], 40001, "not JSON")
 
 
+# --- bodies Python's json accepts but no peer can use (issue 12, items 4, 6, 7) ------------
+
+# Each POST route with a body, a valid body for it, and its string field a surrogate goes in.
+STRICT_ROUTES: dict[str, tuple[dict[str, Any], str]] = {
+    "generate_stream": ({"model": MODEL, "prompt": "a", "max_new_tokens": 2}, "prompt"),
+    "generate": ({"model": MODEL, "prompt": "a", "max_new_tokens": 2}, "prompt"),
+    "embeddings": ({"model": MODEL, "input": ["a"]}, "input.0"),
+    "count_token": ({"model": MODEL, "prompt": "a"}, "prompt"),
+    "model_metadata": ({"model": MODEL}, "model"),
+}
+
+
+def _with(body: dict[str, Any], key: str, raw_value: str) -> bytes:
+    """``body`` as JSON text with ``"key": <raw_value>`` appended verbatim."""
+    return (json.dumps(body)[:-1] + f', "{key}": {raw_value}}}').encode()
+
+
+def _surrogate(body: dict[str, Any], field: str) -> bytes:
+    """``body`` with a lone surrogate in ``field`` (json.dumps writes it as ``\\ud800``)."""
+    name, _, index = field.partition(".")
+    value = "a\ud800"
+    return json.dumps({**body, name: [value] if index else value}).encode()
+
+
+def _strict_cases() -> list[Any]:
+    cases = []
+    for route, (body, field) in STRICT_ROUTES.items():
+        cases += [
+            pytest.param(route, _surrogate(body, field), field, id=f"{route}-surrogate"),
+            pytest.param(route, _with(body, "temperature", "NaN"), "", id=f"{route}-nan"),
+            pytest.param(route, _with(body, "top_p", "-Infinity"), "", id=f"{route}-inf"),
+            pytest.param(route, _with(body, "top_p", "1e999"), "", id=f"{route}-1e999"),
+            pytest.param(route, _with(body, "context", "[" * 50_000), "", id=f"{route}-deep"),
+            pytest.param(route, _with(body, "c", "[" * 70 + "]" * 70), "c.0", id=f"{route}-64"),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize(("route", "raw", "field"), _strict_cases())
+async def test_unusable_json_is_a_422_naming_the_field_on_every_route(
+    fake_worker: StartFake, route: str, raw: bytes, field: str
+) -> None:
+    fake = fake_worker()
+    async with serving(settings_for(fake.url)) as adapter:
+        reply = await adapter.client.post(f"/api/worker/{route}", content=raw)
+        assert (await adapter.client.get("/api/worker/models/supports")).status_code == 200
+    assert reply.status_code == 422, reply.text
+    if route == "generate_stream":  # one error frame DB-GPT's stream reader can show
+        assert reply.content.endswith(b"\0") and reply.content.count(b"\0") == 1
+        output = json.loads(reply.content[:-1])
+        assert output["error_code"] == 40001 and output["text"].startswith("invalid request")
+        assert field in output["text"]
+    else:
+        [error] = reply.json()["detail"]
+        assert ".".join(str(part) for part in error["loc"][1:]).startswith(field)
+        assert error["type"] == "invalid_request"
+    assert upstream_paths(fake.requests) == []  # refused before any upstream call
+
+
 # --- /embeddings --------------------------------------------------------------------------
 
 
@@ -165,6 +230,39 @@ async def test_embeddings_bad_input_is_refused_before_sending(
     loc = reply.json()["detail"][0]["loc"]
     assert ".".join(str(part) for part in loc[1:]) == field
     assert fake.bodies(EMBED) == []
+
+
+async def test_embeddings_over_the_input_limit_is_a_413_naming_the_setting(
+    fake_worker: StartFake,
+) -> None:
+    fake = fake_worker()
+    async with serving(settings_for(fake.url, max_embedding_inputs=3)) as adapter:
+        body = {"model": MODEL, "input": ["a", "b", "c", "d"]}
+        refused = await adapter.client.post("/api/worker/embeddings", json=body)
+        body["input"] = ["a", "b", "c"]
+        accepted = await adapter.client.post("/api/worker/embeddings", json=body)
+    assert refused.status_code == 413
+    detail = refused.json()["detail"]
+    assert "4 inputs exceed the limit of 3" in detail and "max_embedding_inputs" in detail
+    assert accepted.status_code == 200 and len(accepted.json()) == 3
+    assert len(fake.bodies(EMBED)) == 3  # the refused request sent nothing
+
+
+async def test_embeddings_stop_calling_the_worker_when_the_client_leaves(
+    fake_worker: StartFake,
+) -> None:
+    fake = fake_worker()
+    fake.fail_next(Hang(0.2, after_chunks=None), path=EMBED, times=200)  # every call is slow
+    config = settings_for(fake.url, embedding_concurrency=2)
+    async with serving(config) as adapter:
+        body = {"model": MODEL, "input": [str(i) for i in range(200)]}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes
+            await adapter.client.post("/api/worker/embeddings", json=body, timeout=0.5)
+        await eventually(lambda: adapter.sample(IN_FLIGHT, **EMBED_LABELS) == 0, what="done")
+        made = len(fake.bodies(EMBED))
+        await asyncio.sleep(1.0)  # several call durations: a call still going would show
+        assert len(fake.bodies(EMBED)) == made
+        assert adapter.sample(REQUESTS, outcome="client_gone", **EMBED_LABELS) == 1
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ the same port, with a fresh event loop (a restarted worker starts with an empty 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -42,8 +43,10 @@ class LoopbackServer:
         host: str = "127.0.0.1",
         port: int = 0,
         startup_timeout: float = 10.0,
+        http: type[asyncio.Protocol] | str = "h11",
     ) -> None:
         self.app = app
+        self.http = http  # uvicorn's protocol: a name, or a class such as the adapter's own
         self.host = host
         self._port = port
         self.startup_timeout = startup_timeout
@@ -85,7 +88,7 @@ class LoopbackServer:
         config = uvicorn.Config(
             self.app,
             loop="asyncio",
-            http="h11",
+            http=self.http,
             ws="none",
             log_config=None,  # leave logging to pytest
             access_log=False,

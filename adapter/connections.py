@@ -1,0 +1,126 @@
+"""Read deadlines on every connection: uvicorn has a keep-alive timeout, but nothing bounds a
+request that arrives slowly. Without them one byte a second holds a connection (and its fd)
+forever, and a few hundred such clients exhaust the process.
+
+``read_deadlines(...)`` makes uvicorn's h11 protocol class with two deadlines, checked against
+h11's own view of the request (``their_state``):
+
+- **head**: from a connection's first moment (or the first byte of a request after a
+  keep-alive pause) the request line and headers must be complete within ``head_timeout``;
+- **body**: from the end of the head the body must be complete within ``body_timeout``,
+  extended by one second for every ``body_min_rate`` bytes received (Apache's
+  ``mod_reqtimeout`` rule), so a large upload on a slow link is fine and a trickle is not.
+
+A connection that misses one gets a ``408 Request Timeout`` (unless it has sent nothing at all
+or its response has begun), is closed, and is counted by ``on_timeout(phase)``. While the
+response is being written (a stream) no deadline runs: the request is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar, Final
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+__all__ = ["read_deadlines"]
+
+log = logging.getLogger("fastchat_adapter.connections")
+
+_TIMEOUT_TEXT: Final = b"request not received in time"
+_REQUEST_TIMEOUT: Final = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TIMEOUT_TEXT), _TIMEOUT_TEXT)
+)
+
+
+class _DeadlineProtocol(H11Protocol):
+    head_timeout: ClassVar[float]
+    body_timeout: ClassVar[float]
+    body_min_rate: ClassVar[int]
+    on_timeout: ClassVar[staticmethod[[str], None]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase: str | None = None
+        self._since = 0.0
+        self._received = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # --- the hooks: after each thing that can change h11's view of the request -----------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch(0, started=True)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch(len(data), started=True)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Idle between requests: uvicorn's keep-alive timeout runs until the next byte comes.
+        self._watch(0, started=bool(self.conn.trailing_data[0]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    # --- the deadlines ---------------------------------------------------------------------
+    def _watch(self, received: int, *, started: bool) -> None:
+        state = self.conn.their_state
+        if self.transport.is_closing():
+            phase = None
+        elif state is h11.IDLE:
+            phase = "head" if started else None
+        elif state is h11.SEND_BODY:
+            phase = "body"
+        else:
+            phase = None
+        if phase != self._phase:
+            self._phase, self._since, self._received = phase, self.loop.time(), 0
+        elif phase == "body":
+            self._received += received
+        else:
+            return  # still the same head deadline
+        self._cancel()
+        if phase == "head":
+            self._timer = self.loop.call_at(self._since + self.head_timeout, self._expired)
+        elif phase == "body":
+            earned = self._received / self.body_min_rate if self.body_min_rate else 0.0
+            deadline = self._since + self.body_timeout + earned
+            self._timer = self.loop.call_at(deadline, self._expired)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        phase, self._timer = self._phase or "head", None
+        client = "%s:%d" % self.client if self.client else "unknown"  # noqa: UP031
+        log.warning("closing connection from %s: request %s not received in time", client, phase)
+        self.on_timeout(phase)
+        silent = phase == "head" and not self.conn.trailing_data[0]
+        if not silent and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self.transport.write(_REQUEST_TIMEOUT)
+        self.transport.close()
+
+
+def read_deadlines(
+    *,
+    head_timeout: float,
+    body_timeout: float,
+    body_min_rate: int,
+    on_timeout: Callable[[str], None],
+) -> type[H11Protocol]:
+    """Uvicorn's h11 protocol class with these read deadlines (pass it as ``Config(http=)``)."""
+    attributes = {
+        "head_timeout": head_timeout,
+        "body_timeout": body_timeout,
+        "body_min_rate": body_min_rate,
+        "on_timeout": staticmethod(on_timeout),
+    }
+    return type("ReadDeadlineProtocol", (_DeadlineProtocol,), attributes)

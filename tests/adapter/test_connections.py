@@ -1,0 +1,127 @@
+"""Read deadlines (adapter/connections.py) over real sockets: slow heads and bodies are closed
+and counted; complete requests, keep-alive pauses and long streams are left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from adapter.connections import read_deadlines
+from tests.support.servers import LoopbackServer
+
+HEAD = b"POST /echo HTTP/1.1\r\nhost: a\r\n"
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    """``/echo`` answers the body it read; ``/slow`` streams five pieces over 1.5 s."""
+    if scope["type"] != "http":
+        return
+    body = b""
+    while (message := await receive())["type"] == "http.request":
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    if scope["path"] == "/slow":
+        for _ in range(5):
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await asyncio.sleep(0.3)
+    await send({"type": "http.response.body", "body": body})
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[LoopbackServer, list[str]]]:
+    timed_out: list[str] = []
+    protocol = read_deadlines(
+        head_timeout=0.5, body_timeout=0.5, body_min_rate=1000, on_timeout=timed_out.append
+    )
+    with LoopbackServer(app, http=protocol) as running:
+        yield running, timed_out
+
+
+def trickle(port: int, first: bytes, drip: bytes = b"x") -> bytes:
+    """Send ``first``, then one byte of ``drip`` every 0.1 s until the server answers or closes
+    (at most 20 s, a hang guard); return everything it sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        if first:
+            sock.sendall(first)
+        deadline = time.monotonic() + 20
+        while not select.select([sock], [], [], 0.1)[0]:
+            assert time.monotonic() < deadline, "the server never closed the connection"
+            if drip:
+                try:
+                    sock.sendall(drip)
+                except OSError:
+                    break
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+Case = tuple[bytes, bytes, str, bool]
+SLOW: dict[str, Case] = {
+    "silent": (b"", b"", "head", False),  # connects, sends nothing
+    "head-1-byte-at-a-time": (b"POST /echo HTTP/1.1\r\nx-h: ", b"a", "head", True),
+    "declared-body-1-byte-at-a-time": (
+        HEAD + b"content-length: 100000\r\n\r\n",
+        b"a",
+        "body",
+        True,
+    ),
+    "stalled-huge-chunk": (
+        HEAD + b"transfer-encoding: chunked\r\n\r\nffffff\r\nab",
+        b"",
+        "body",
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize(("first", "drip", "phase", "answered"), SLOW.values(), ids=list(SLOW))
+def test_slow_requests_are_closed_and_counted(
+    server: tuple[LoopbackServer, list[str]], first: bytes, drip: bytes, phase: str, answered: bool
+) -> None:
+    running, timed_out = server
+    answer = trickle(running.port, first, drip)
+    if answered:
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+        assert b"connection: close" in answer
+    else:
+        assert answer == b""
+    assert timed_out == [phase]
+
+
+def test_complete_requests_keep_alive_pauses_and_long_streams_are_untouched(
+    server: tuple[LoopbackServer, list[str]],
+) -> None:
+    running, timed_out = server
+    with httpx.Client(base_url=running.url, trust_env=False, timeout=10) as client:
+        assert client.post("/echo", content=b"a" * 200_000).content == b"a" * 200_000
+        time.sleep(0.8)  # a keep-alive pause longer than the head deadline
+        assert client.post("/echo", content=b"b").content == b"b"
+        assert client.post("/slow", content=b"c").content == b"xxxxxc"  # 1.5 s > both deadlines
+    assert timed_out == []
+
+
+def test_many_slow_connections_are_all_closed(
+    server: tuple[LoopbackServer, list[str]],
+) -> None:
+    running, timed_out = server
+    socks = [socket.create_connection(("127.0.0.1", running.port), timeout=20) for _ in range(50)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET / HTTP/1.1\r\n")  # never finished
+        for sock in socks:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in socks:
+            sock.close()
+    assert timed_out == ["head"] * 50
