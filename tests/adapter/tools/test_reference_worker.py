@@ -405,6 +405,7 @@ async def test_a_scripted_reply_streams_like_any_reply_and_ends_with_stop(
     async with connect(start_worker(replies=SCRIPTED)) as client:
         body = {"prompt": "USER: how many ships? ASSISTANT:", "max_new_tokens": 50, "echo": False}
         response, raw = await stream_raw(client, body)
+    assert response.status_code == 200
     frames = split_frames(raw)
     assert [f["text"] for f in frames] == [
         "SELECT",
