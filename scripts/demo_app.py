@@ -143,15 +143,13 @@ def main() -> int:
         "Ctrl-C stops everything."
     )
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        while not stop.wait(1.0):
-            dead = [p.name for p in procs if not p.alive]
-            if dead:
-                print(f"demo-app: {', '.join(dead)} exited; stopping", file=sys.stderr)
-                break
-    except KeyboardInterrupt:
-        pass
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too when started in the background
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        dead = [p.name for p in procs if not p.alive]
+        if dead:
+            print(f"demo-app: {', '.join(dead)} exited; stopping", file=sys.stderr)
+            break
     run.stop_all()
     print("stopped the app, the adapter and the workers")
     return 0
