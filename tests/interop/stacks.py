@@ -661,14 +661,18 @@ def reference_worker_argv(
     script: Sequence[str] = (),
     eos_after: int | None = None,
     conv_template_file: str | None = None,
+    replies_file: str | None = None,
     host: str = LOOPBACK,
 ) -> list[str]:
     """`fastchat-adapter reference-worker`: with a `script`, every reply is that script in
-    order (`--in-order`), so a test knows the worker's exact answer."""
+    order (`--in-order`), so a test knows the worker's exact answer; with a `replies_file`,
+    prompts that match one of its patterns get that reply (`--replies`)."""
     argv = [program, "reference-worker", "--host", host, "--port", str(port)]
     argv += ["--model-names", model_name]
     if script:
         argv += ["--script", " ".join(script), "--in-order"]
+    if replies_file is not None:
+        argv += ["--replies", replies_file]
     if eos_after is not None:
         argv += ["--eos-after", str(eos_after)]
     if conv_template_file is not None:

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.interop.peers import PeerEnv
-from tests.interop.procs import Proc, RunDir, get_ok, post_ok
+from tests.interop.procs import Proc, RunDir, get_ok
 from tests.interop.recording_proxy import RecordingProxy
 from tests.interop.stacks import (
     AdapterProc,
     FastChatStack,
+    ReferenceWorkerProc,
     dbgpt_argv,
     dbgpt_webserver_toml,
 )
@@ -76,21 +77,18 @@ class DbgptWebserver(Proc):
         return sum(text in line for line in self.tail(1_000_000).splitlines())
 
 
-def reference_worker(run: RunDir, name: str) -> Proc:
-    def command(port: int) -> list[str]:
-        return [
-            sys.executable, "-m", "adapter", "reference-worker",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--model-names", REFERENCE_MODEL, "--replies", str(SCRIPTED_REPLIES),
-        ]  # fmt: skip
-
-    return Proc(run, name, command, post_ok("/worker_get_status"), ready_timeout=60.0)
+def reference_worker(run: RunDir, name: str) -> ReferenceWorkerProc:
+    """The reference worker answering by the scripted replies file."""
+    return ReferenceWorkerProc(
+        run, name, program=ADAPTER_PROGRAM, model_name=REFERENCE_MODEL,
+        replies_file=str(SCRIPTED_REPLIES),
+    )  # fmt: skip
 
 
 @dataclass
 class AppStack:
     fastchat: FastChatStack
-    reference: Proc
+    reference: ReferenceWorkerProc
     llm_proxy: RecordingProxy  # in front of tiny-vicuna
     reference_proxy: RecordingProxy
     embed_proxy: RecordingProxy
