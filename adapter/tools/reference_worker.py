@@ -33,7 +33,7 @@ import logging
 import struct
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -493,20 +493,8 @@ def add_reference_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(ns: argparse.Namespace) -> ReferenceWorkerConfig:
-    """The config for options added by ``add_reference_worker_arguments``."""
-    return ReferenceWorkerConfig(
-        model_names=ns.model_names,
-        route_by_model=ns.route_by_model,
-        context_length=ns.context_length,
-        limit_worker_concurrency=ns.limit_worker_concurrency,
-        stream_interval=ns.stream_interval,
-        tokens_per_second=ns.tokens_per_second,
-        first_token_delay=ns.first_token_delay,
-        conv_template=ns.conv_template or vicuna_v1_1_template(),
-        embedding_dim=ns.embedding_dim,
-        seed=ns.seed,
-        eos_after=ns.eos_after,
-        script=ns.script,
-        in_order=ns.in_order,
-        replies=ns.replies,
-    )
+    """The config for options added by ``add_reference_worker_arguments``: every option is
+    named after the config field it sets."""
+    values = {f.name: getattr(ns, f.name) for f in fields(ReferenceWorkerConfig)}
+    values["conv_template"] = ns.conv_template or vicuna_v1_1_template()
+    return ReferenceWorkerConfig(**values)
