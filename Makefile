@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test unit lint interop demo bench clean
+.PHONY: venv test unit lint interop e2e browser demo demo-app bench clean
 
 $(BIN)/fastchat-adapter: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,15 +22,28 @@ unit: venv
 	$(BIN)/pytest -m "not interop" -q
 
 interop: venv
-	$(BIN)/pytest -m interop -q
+	$(BIN)/pytest -m "interop and not e2e" -q
 
-# The whole suite: lint, types, unit + contract + interop (the real peers are installed on demand).
-test: venv lint
+# DB-GPT's app (webserver + web UI) on FastChat workers, in headless Chromium (tests/interop/e2e).
+e2e: venv browser
+	$(BIN)/pytest -m e2e -q
+
+# Debian's chromium + chromedriver for the e2e suite (apt-get; needs root; no-op when present).
+browser:
+	bash scripts/install_browser.sh
+
+# The whole suite: lint, types, unit + contract + interop + e2e (the real peers and the browser are
+# installed on demand).
+test: venv lint browser
 	$(BIN)/pytest -q
 
 # README's first command: reference worker + adapter (standalone) + a streamed chat.
 demo: venv
 	$(BIN)/python scripts/demo.py
+
+# DB-GPT's own app (web UI) on a reference worker through the adapter; prints the URL to open.
+demo-app: venv
+	$(BIN)/python scripts/demo_app.py
 
 bench: venv
 	$(BIN)/python bench/bench_protocol.py

@@ -228,15 +228,20 @@ async def embeddings(runtime: Runtime, request: EmbeddingsRequest, tracker: Trac
 @router.post("/count_token")
 @_worker_route("count_token", CountTokenRequest.from_wire)
 async def count_token(runtime: Runtime, request: CountTokenRequest, tracker: Tracker) -> Response:
-    pool = runtime.pool
-    served = pool.all_names("llm")
-    if request.model is None and len(served) != 1:
-        listed = ", ".join(served) or "none"
-        raise Refused(400, f"no model given and {len(served)} are served ({listed})")
-    model = request.model or served[0]
-    route = await pool.resolve_first(model, ("llm", "text2vec"), takes_slot=False)
-    count = await runtime.client.count_token(route.worker, route.model, request.prompt)
-    return JSONResponse(count)
+    if request.model is not None:
+        return JSONResponse(await _count_tokens(runtime, request.model, request.prompt))
+    # DB-GPT's own client names no model (docs/protocol.md §6.3); its app counts to trim chat
+    # history under a limit, so with several models served the largest count is the safe one.
+    served = runtime.pool.all_names("llm")
+    if not served:
+        raise Refused(400, "no model given and none is served")
+    counts = [await _count_tokens(runtime, name, request.prompt) for name in served]
+    return JSONResponse(max(counts))
+
+
+async def _count_tokens(runtime: Runtime, model: str, prompt: str) -> int:
+    route = await runtime.pool.resolve_first(model, ("llm", "text2vec"), takes_slot=False)
+    return await runtime.client.count_token(route.worker, route.model, prompt)
 
 
 @router.post("/model_metadata")

@@ -33,7 +33,7 @@ import logging
 import struct
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +48,11 @@ from adapter.tools.scripted_model import (
     GenerationParams,
     InBandError,
     ScriptedModel,
+    ScriptedReply,
     encode_frame,
     error_chunk,
     generation_steps,
+    load_replies,
     parse_generation_params,
 )
 
@@ -107,6 +109,8 @@ class ReferenceWorkerConfig:
     """The model ends its turn with EOS after this many words; None: only length or stop."""
     in_order: bool = False
     """Every reply is the script from its first word (see ``ScriptedModel.in_order``)."""
+    replies: tuple[ScriptedReply, ...] = ()
+    """Canned answers by prompt pattern (``--replies FILE``), tried before ``in_order``."""
 
     def __post_init__(self) -> None:
         if not self.model_names or not all(self.model_names):
@@ -123,7 +127,12 @@ class ReferenceWorkerConfig:
     @property
     def model(self) -> ScriptedModel:
         return ScriptedModel(
-            self.script, self.seed, self.context_length, self.eos_after, self.in_order
+            self.script,
+            self.seed,
+            self.context_length,
+            self.eos_after,
+            self.in_order,
+            self.replies,
         )
 
 
@@ -217,10 +226,24 @@ class _Worker:
             raise _InternalError("unknown model")
         return body
 
-    async def _pause(self, index: int, gone: asyncio.Event | None) -> bool:
+    def pace(self, prompt: str) -> tuple[float, float]:
+        """(first_token_delay, tokens_per_second) for this prompt: a scripted reply's own, where
+        it sets them, else the worker's."""
+        scripted = self.model.scripted_reply(prompt)
+        first, tps = self.config.first_token_delay, self.config.tokens_per_second
+        if scripted is not None:
+            if scripted.first_token_delay is not None:
+                first = scripted.first_token_delay
+            if scripted.tokens_per_second is not None:
+                tps = scripted.tokens_per_second
+        return first, tps
+
+    async def _pause(
+        self, index: int, gone: asyncio.Event | None, pace: tuple[float, float]
+    ) -> bool:
         """Spend the time token ``index`` takes; True if the client went away meanwhile."""
-        tps = self.config.tokens_per_second
-        delay = self.config.first_token_delay if index == 0 else (1 / tps if tps else 0.0)
+        first, tps = pace
+        delay = first if index == 0 else (1 / tps if tps else 0.0)
         if gone is None:
             await asyncio.sleep(delay)
             return False
@@ -249,8 +272,9 @@ class _Worker:
                     await send({"type": "http.response.body", "body": frame, "more_body": True})
                 else:
                     steps = generation_steps(self.model, parsed, self.config.stream_interval)
+                    pace = self.pace(parsed.prompt)
                     for index, step in enumerate(steps):
-                        if not step.final and await self._pause(index, gone):
+                        if not step.final and await self._pause(index, gone, pace):
                             return  # the client left: stop generating, free the slot
                         if step.chunk is not None:
                             frame = encode_frame(step.chunk)
@@ -271,9 +295,10 @@ class _Worker:
                 return JSONResponse(error_chunk(str(parsed)))
             last: dict[str, Any] = {}
             steps = generation_steps(self.model, parsed, self.config.stream_interval)
+            pace = self.pace(parsed.prompt)
             for index, step in enumerate(steps):
                 if not step.final:
-                    await self._pause(index, None)
+                    await self._pause(index, None, pace)
                 last = step.chunk or last
             return JSONResponse(last)
 
@@ -386,6 +411,13 @@ def _words(text: str) -> tuple[str, ...]:
     return words
 
 
+def _replies(path: str) -> tuple[ScriptedReply, ...]:
+    try:
+        return load_replies(path)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from exc
+
+
 def _template(path: str) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -451,22 +483,18 @@ def add_reference_worker_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="reply with the script from its first word, whatever the prompt",
     )
+    add(
+        "--replies",
+        type=_replies,
+        default=(),
+        metavar="FILE",
+        help="TOML or JSON file of scripted replies by prompt pattern (see README)",
+    )
 
 
 def config_from_args(ns: argparse.Namespace) -> ReferenceWorkerConfig:
-    """The config for options added by ``add_reference_worker_arguments``."""
-    return ReferenceWorkerConfig(
-        model_names=ns.model_names,
-        route_by_model=ns.route_by_model,
-        context_length=ns.context_length,
-        limit_worker_concurrency=ns.limit_worker_concurrency,
-        stream_interval=ns.stream_interval,
-        tokens_per_second=ns.tokens_per_second,
-        first_token_delay=ns.first_token_delay,
-        conv_template=ns.conv_template or vicuna_v1_1_template(),
-        embedding_dim=ns.embedding_dim,
-        seed=ns.seed,
-        eos_after=ns.eos_after,
-        script=ns.script,
-        in_order=ns.in_order,
-    )
+    """The config for options added by ``add_reference_worker_arguments``: every option is
+    named after the config field it sets."""
+    values = {f.name: getattr(ns, f.name) for f in fields(ReferenceWorkerConfig)}
+    values["conv_template"] = ns.conv_template or vicuna_v1_1_template()
+    return ReferenceWorkerConfig(**values)

@@ -16,14 +16,22 @@ be mirrored here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import struct
+import sys
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, Final, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 __all__ = [
     "BOS",
@@ -37,10 +45,12 @@ __all__ = [
     "GenerationParams",
     "InBandError",
     "ScriptedModel",
+    "ScriptedReply",
     "Step",
     "encode_frame",
     "error_chunk",
     "generation_steps",
+    "load_replies",
     "parse_generation_params",
     "token_logprob",
 ]
@@ -80,6 +90,97 @@ class BrokenRequest(Exception):
     """
 
 
+THINK_START: Final = "<think>"
+THINK_END: Final = "</think>"
+_REPLY_KEYS: Final = ("match", "reply", "think", "finish_reason", "tokens_per_second",
+                      "first_token_delay")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    """A canned answer: when ``match`` (a Python regular expression) is found in the prompt, the
+    model answers ``reply``, after a ``<think>`` block when ``think`` is set.
+
+    The reply is tokenized like everything else (whitespace words), so its whitespace comes out
+    as single spaces. ``finish_reason`` "stop" ends the turn with EOS after the last word;
+    "length" says the reply again and again until ``max_new_tokens``. ``tokens_per_second``
+    and ``first_token_delay``, when set, replace the worker's pace for this reply.
+    """
+
+    match: str
+    reply: str
+    think: str | None = None
+    finish_reason: Literal["stop", "length"] = "stop"
+    tokens_per_second: float | None = None
+    first_token_delay: float | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.match)
+        except re.error as exc:
+            raise ValueError(f"match {self.match!r} is not a regular expression: {exc}") from exc
+        for name in ("reply", "think"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not _TOKEN_RE.findall(value):
+                raise ValueError(f"{name} must be a non-empty string")
+            if any(token in _SPECIAL_IDS for token in _TOKEN_RE.findall(value)):
+                raise ValueError(f"{name} must not hold {BOS} or {EOS}")
+        if self.finish_reason not in ("stop", "length"):
+            raise ValueError(f"finish_reason must be stop or length, not {self.finish_reason!r}")
+        for name in ("tokens_per_second", "first_token_delay"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | float) or value < 0):
+                raise ValueError(f"{name} must be a number >= 0")
+
+    @property
+    def text(self) -> str:
+        """What the model says, think block included."""
+        if self.think is None:
+            return self.reply
+        return f"{THINK_START} {self.think} {THINK_END} {self.reply}"
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return tuple(_TOKEN_RE.findall(self.text))
+
+
+def load_replies(path: str | Path) -> tuple[ScriptedReply, ...]:
+    """Scripted replies from a TOML file (``[[reply]]`` tables) or a JSON file (a list, or an
+    object with a ``reply`` list), in file order: the first whose ``match`` hits wins."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError and tomllib.TOMLDecodeError
+        raise ValueError(f"{path}: {exc}") from exc
+    entries = data.get("reply") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list of replies ([[reply]] tables in TOML)")
+    replies = []
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: reply {number} is not a table")
+        unknown = sorted(set(entry) - set(_REPLY_KEYS))
+        if unknown or not {"match", "reply"} <= set(entry):
+            raise ValueError(
+                f"{path}: reply {number} needs match and reply, may have "
+                f"{', '.join(_REPLY_KEYS[2:])}; unknown: {', '.join(unknown) or '-'}"
+            )
+        try:
+            replies.append(ScriptedReply(**entry))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: reply {number}: {exc}") from exc
+    return tuple(replies)
+
+
+@functools.lru_cache(maxsize=256)
+def _reply_for(replies: tuple[ScriptedReply, ...], prompt: str) -> ScriptedReply | None:
+    # Called once per generated token with the same prompt: cached.
+    return next((r for r in replies if re.search(r.match, prompt)), None)
+
+
 @dataclass(frozen=True)
 class ScriptedModel:
     """A whitespace word tokenizer and a reply that cycles through ``script``.
@@ -95,7 +196,10 @@ class ScriptedModel:
     """Emit EOS as reply token number ``eos_after`` (0-based), ending the turn; None: never."""
     in_order: bool = False
     """Reply with the script from its first word, whatever the prompt (a scripted answer, e.g.
-    one with a ``<think>`` block); otherwise start at a word chosen by the prompt's hash."""
+    one with a ``<think>`` block); otherwise start at a word chosen by the prompt's hash. The
+    same as a last scripted reply that matches every prompt and goes on (finish "length")."""
+    replies: tuple[ScriptedReply, ...] = ()
+    """Canned answers for prompts that match a pattern; the first match wins."""
 
     def __post_init__(self) -> None:
         if not self.script or len(set(self.script)) != len(self.script):
@@ -127,12 +231,30 @@ class ScriptedModel:
         """Tokens joined by one space, special tokens skipped (FastChat decodes that way)."""
         return " ".join(token for token in tokens if token not in _SPECIAL_IDS)
 
+    @functools.cached_property
+    def _replies(self) -> tuple[ScriptedReply, ...]:
+        if not self.in_order:
+            return self.replies
+        everything = ScriptedReply(match="", reply=" ".join(self.script), finish_reason="length")
+        return (*self.replies, everything)
+
+    def scripted_reply(self, prompt: str) -> ScriptedReply | None:
+        """The first scripted reply whose pattern is found in ``prompt`` (``in_order``: the
+        script, for any prompt no other reply matches)."""
+        return _reply_for(self._replies, prompt) if self._replies else None
+
     def next_token(self, prompt: str, index: int) -> str:
-        """Reply token number ``index`` for ``prompt``: EOS at ``eos_after``, else a script word."""
+        """Reply token number ``index`` for ``prompt``: EOS at ``eos_after``; else the words of
+        the scripted reply that matches (then EOS, or for finish "length" the reply again); else
+        script words from a start chosen by the prompt's hash."""
         if index == self.eos_after:
             return EOS
-        if self.in_order:
-            return self.script[index % len(self.script)]
+        scripted = self.scripted_reply(prompt)
+        if scripted is not None:
+            words = scripted.tokens
+            if index < len(words) or scripted.finish_reason == "length":
+                return words[index % len(words)]
+            return EOS
         digest = hashlib.sha256(f"{self.seed}\0{prompt}".encode()).digest()
         start = int.from_bytes(digest[:8], "big")
         return self.script[(start + index) % len(self.script)]

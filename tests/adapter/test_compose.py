@@ -30,6 +30,7 @@ from tests.interop.stacks import (
     ADAPTER_HEARTBEAT_INTERVAL_S,
     DBGPT_HEARTBEAT_TIMEOUT_S,
     dbgpt_toml,
+    dbgpt_webserver_toml,
     interop_commands,
 )
 
@@ -46,6 +47,7 @@ SERVICES = {
     "adapter",
     "dbgpt-controller",
     "dbgpt-apiserver",
+    "dbgpt-webserver",
 }
 
 
@@ -235,6 +237,49 @@ def test_peer_commands_use_the_interop_programs_and_flags(compose: dict[str, Any
     assert published == f"127.0.0.1:{model['api']['port']}:{model['api']['port']}"
 
 
+def _webserver_config(compose: dict[str, Any]) -> dict[str, Any]:
+    return tomllib.loads(_interpolate(compose["configs"]["dbgpt-webserver"]["content"]))
+
+
+def test_webserver_config_has_the_e2e_suite_keys(compose: dict[str, Any]) -> None:
+    """Same tables and keys as the TOML the e2e suite runs DB-GPT's app with."""
+    theirs = tomllib.loads(
+        dbgpt_webserver_toml(
+            port=1, controller_addr="http://c:1", home="/h", default_llm="m", default_embedding="e"
+        )
+    )
+
+    def shape(table: dict[str, Any]) -> dict[str, Any]:
+        return {k: shape(v) if isinstance(v, dict) else None for k, v in table.items()}
+
+    assert shape(_webserver_config(compose)) == shape(theirs)
+
+
+def test_webserver_uses_the_cluster_and_the_fastchat_models(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    web = _webserver_config(compose)["service"]["web"]
+    cluster = tomllib.loads(compose["configs"]["dbgpt-cluster"]["content"])["service"]["model"]
+    # No model workers of its own; models and embeddings from the DB-GPT controller.
+    assert web["light"] is True and web["remote_embedding"] is True
+    assert web["controller_addr"] == f"http://dbgpt-controller:{cluster['controller']['port']}"
+    service = services["dbgpt-webserver"]
+    assert set(service["depends_on"]) == {"dbgpt-controller", "adapter"}
+    assert service["ports"] == [f"127.0.0.1:{web['port']}:{web['port']}"]
+    assert f":{web['port']}/" in service["healthcheck"]["test"][3]
+    models = _webserver_config(compose)["models"]
+    worker = _flags([_interpolate(w) for w in services["fastchat-model-worker"]["command"]])
+    embedder = _flags([_interpolate(w) for w in services["fastchat-embedding-worker"]["command"]])
+    assert models["default_llm"] == worker["--model-names"]
+    assert models["default_embedding"] == embedder["--model-names"]
+    # Metadata and vectors in the volume mounted at the image's DBGPT_HOME.
+    home = service["volumes"][0].split(":")[1]
+    dockerfile = (ROOT / "docker" / "dbgpt-app.Dockerfile").read_text()
+    assert f"DBGPT_HOME={home}" in dockerfile
+    database = _webserver_config(compose)["service"]["web"]["database"]
+    assert database["path"] == f"{home}/pilot/meta_data/dbgpt.db"
+    assert _webserver_config(compose)["rag"]["storage"]["vector"]["persist_path"].startswith(home)
+
+
 def _instructions(path: Path) -> list[tuple[str, str]]:
     text = path.read_text().replace("\\\n", " ")
     lines = [line.strip() for line in text.splitlines()]
@@ -264,7 +309,9 @@ def test_adapter_dockerfile() -> None:
     assert json.loads(next(arg for op, arg in steps if op == "ENTRYPOINT")) == ["fastchat-adapter"]
 
 
-@pytest.mark.parametrize("name", ["fastchat.Dockerfile", "dbgpt.Dockerfile"])
+@pytest.mark.parametrize(
+    "name", ["fastchat.Dockerfile", "dbgpt.Dockerfile", "dbgpt-app.Dockerfile"]
+)
 def test_peer_dockerfiles_install_the_interop_lock_files(name: str) -> None:
     steps = _instructions(ROOT / "docker" / name)
     assert steps[0] == ("FROM", "python:3.11-slim")

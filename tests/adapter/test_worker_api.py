@@ -318,19 +318,35 @@ async def test_count_token_with_and_without_model(fake_worker: StartFake) -> Non
 async def test_count_token_without_model_when_several_are_served(
     fake_worker: StartFake,
 ) -> None:
+    """DB-GPT's app trims chat history with a count_token that names no model (§6.3): with
+    several models served, the largest of their counts answers (the safe side of a limit)."""
     fake = fake_worker(ReferenceWorkerConfig(model_names=("a", "b"), route_by_model=True))
     async with serving(settings_for(fake.url)) as adapter:
-        ambiguous = await adapter.client.post("/api/worker/count_token", json={"prompt": "x"})
+        mark = len(fake.bodies("/count_token"))
+        ambiguous = await adapter.client.post("/api/worker/count_token", json={"prompt": "x y"})
+        asked = fake.bodies("/count_token")[mark:]
         named = await adapter.client.post(
             "/api/worker/count_token", json={"model": "b", "prompt": "x"}
         )
         unknown = await adapter.client.post(
             "/api/worker/count_token", json={"model": "c", "prompt": "x"}
         )
-    assert ambiguous.status_code == 400
-    assert ambiguous.json()["detail"] == "no model given and 2 are served (a, b)"
+    assert (ambiguous.status_code, ambiguous.json()) == (200, 3)
+    assert sorted(body["model"] for body in asked) == ["a", "b"]
     assert named.json() == 2
     assert unknown.status_code == 404 and "served models: a, b" in unknown.json()["detail"]
+
+
+async def test_count_token_without_model_takes_the_largest_count(
+    fake_worker: StartFake,
+) -> None:
+    short = fake_worker(ReferenceWorkerConfig(model_names=("short",)))
+    long = fake_worker(ReferenceWorkerConfig(model_names=("long",)))
+    # A worker whose tokenizer makes more of the same prompt (a 200 "failure" with its count).
+    long.fail_next(HttpError(200, b'{"count": 99, "error_code": 0}'), path="/count_token")
+    async with serving(settings_for(f"{short.url},{long.url}")) as adapter:
+        reply = await adapter.client.post("/api/worker/count_token", json={"prompt": "x"})
+    assert reply.json() == 99
 
 
 async def test_model_metadata(fake_worker: StartFake) -> None:

@@ -144,7 +144,29 @@ DBGPT_075 = EnvSpec(
     smoke=_dbgpt_smoke("0.7.5"),
 )
 
-ENVS = {spec.name: spec for spec in (FASTCHAT, DBGPT, DBGPT_075)}
+# DB-GPT's app (webserver, web UI, knowledge base, Chat-DB) for the end-to-end suite (tests/e2e).
+# cachetools 6 breaks its import (pydantic rejects `create_profile` in dbgpt.agent.core.profile).
+# Built only when an e2e test (or `make demo-app`) asks for it: ~1.4 GB.
+DBGPT_APP = EnvSpec(
+    name="dbgpt-app",
+    first=(),
+    pins=(
+        "dbgpt-app==0.8.2",
+        "dbgpt-serve==0.8.2",
+        "dbgpt-client==0.8.2",
+        "dbgpt-ext==0.8.2",
+        "sqlparse==0.4.4",
+        "cachetools<6",
+    ),
+    no_deps=(),
+    smoke=(
+        "import dbgpt_app.dbgpt_server, dbgpt_serve, dbgpt_ext\n"
+        "from importlib.metadata import version\n"
+        "assert version('dbgpt-app') == '0.8.2', version('dbgpt-app')\n"
+    ),
+)
+
+ENVS = {spec.name: spec for spec in (FASTCHAT, DBGPT, DBGPT_075, DBGPT_APP)}
 
 
 class PeerSetupError(RuntimeError):

@@ -2,7 +2,8 @@
 
 Register the proxy's URL as the worker's `--worker-address` (or give it to the adapter as its
 `--worker-address`) and every request body the worker receives is kept, in arrival order, with
-the path it was sent to. Responses are relayed chunk by chunk as they arrive, so streams keep
+the path it was sent to, and so is the whole response body once it has been relayed
+(`response_body`). Responses are relayed chunk by chunk as they arrive, so streams keep
 their timing. It may re-chunk bodies and drops hop-by-hop headers: assert no headers through it.
 
 Limitation: when the worker is unreachable uvicorn answers 500 for the proxy, and FastChat's
@@ -52,6 +53,7 @@ class RecordingProxy:
         self.target = target.rstrip("/")
         self.read_timeout = read_timeout
         self._records: list[Recorded] = []
+        self._responses: dict[int, bytes] = {}  # seq -> the complete body the worker sent
         self._lock = threading.Lock()
         self._server = LoopbackServer(self)  # an ASGI 3 app: see __call__
 
@@ -83,7 +85,12 @@ class RecordingProxy:
         paths = ("/worker_generate", "/worker_generate_stream")
         return [r.body for r in self.since(mark) if r.path in paths]
 
-    def _record(self, method: str, path: str, raw: bytes) -> None:
+    def response_body(self, record: Recorded) -> bytes | None:
+        """What the worker answered to `record`, once the whole body has been relayed."""
+        with self._lock:
+            return self._responses.get(record.seq)
+
+    def _record(self, method: str, path: str, raw: bytes) -> int:
         body: Any = None
         if raw:
             try:
@@ -91,7 +98,9 @@ class RecordingProxy:
             except ValueError:
                 body = raw.decode("utf-8", "replace")
         with self._lock:
-            self._records.append(Recorded(len(self._records), time.monotonic(), method, path, body))
+            seq = len(self._records)
+            self._records.append(Recorded(seq, time.monotonic(), method, path, body))
+            return seq
 
     # --- the ASGI app -----------------------------------------------------------------------
 
@@ -109,7 +118,7 @@ class RecordingProxy:
                 break
         raw = b"".join(chunks)
         path: str = scope["path"]
-        self._record(scope["method"], path, raw)
+        seq = self._record(scope["method"], path, raw)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP_BY_HOP]
         url = self.target + path
         if scope.get("query_string"):
@@ -125,10 +134,14 @@ class RecordingProxy:
                 {"type": "http.response.start", "status": response.status_code,
                  "headers": out_headers}
             )  # fmt: skip
+            relayed = []
             async for piece in response.aiter_raw():
                 if piece:
+                    relayed.append(piece)
                     await send({"type": "http.response.body", "body": piece, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            with self._lock:
+                self._responses[seq] = b"".join(relayed)
         finally:
             await response.aclose()
 

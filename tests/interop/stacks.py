@@ -83,7 +83,9 @@ def fastchat_worker_argv(
 
 
 def dbgpt_argv(dbgpt: str, kind: str, config: str) -> list[str]:
-    """`kind`: controller or apiserver; both read one TOML (docs/peers.md §2.2, §2.3)."""
+    """`kind`: controller or apiserver, which read one TOML (docs/peers.md §2.2, §2.3), or webserver
+    (DB-GPT's app, `dbgpt_webserver_toml`). `config` must be absolute for the webserver: a
+    relative path is looked up under $DBGPT_HOME/workspace."""
     return [dbgpt, "start", kind, "-c", config]
 
 
@@ -122,6 +124,48 @@ def dbgpt_toml(
         "",
     ]
     return "\n".join(lines)
+
+
+def dbgpt_webserver_toml(
+    *,
+    port: int | str,
+    controller_addr: str,
+    home: str,
+    default_llm: str,
+    default_embedding: str,
+    host: str = LOOPBACK,
+) -> str:
+    """DB-GPT's app (webserver + web UI) on a model cluster it does not run itself: `light`
+    (no local model workers), models from `controller_addr` (a DB-GPT controller, or the adapter
+    in standalone mode), embeddings from the cluster too (`remote_embedding`, the adapter's
+    `<name>@text2vec`). Its metadata lives in SQLite under `home`: the database must be at
+    `<pilot>/meta_data/dbgpt.db`, where the app provisions its alembic scripts."""
+    return "\n".join(
+        [
+            "[system]",
+            'language = "en"',
+            "",
+            "[service.web]",
+            f'host = "{host}"',
+            f"port = {port}",
+            "light = true",
+            f'controller_addr = "{controller_addr}"',
+            "remote_embedding = true",
+            "",
+            "[service.web.database]",
+            'type = "sqlite"',
+            f'path = "{home}/pilot/meta_data/dbgpt.db"',
+            "",
+            "[rag.storage.vector]",
+            'type = "chroma"',
+            f'persist_path = "{home}/pilot/data"',
+            "",
+            "[models]",
+            f'default_llm = "{default_llm}"',
+            f'default_embedding = "{default_embedding}"',
+            "",
+        ]
+    )
 
 
 # DB-GPT controllers in the suite: shortened from 20/60 s (docs/peers.md §2.5).
@@ -188,6 +232,7 @@ def interop_commands() -> dict[str, list[str]]:
         ),
         "dbgpt-controller": dbgpt_argv("dbgpt", "controller", "<config.toml>"),
         "dbgpt-apiserver": dbgpt_argv("dbgpt", "apiserver", "<config.toml>"),
+        "dbgpt-webserver": dbgpt_argv("dbgpt", "webserver", "<config.toml>"),
     }  # fmt: skip
 
 
@@ -616,14 +661,18 @@ def reference_worker_argv(
     script: Sequence[str] = (),
     eos_after: int | None = None,
     conv_template_file: str | None = None,
+    replies_file: str | None = None,
     host: str = LOOPBACK,
 ) -> list[str]:
     """`fastchat-adapter reference-worker`: with a `script`, every reply is that script in
-    order (`--in-order`), so a test knows the worker's exact answer."""
+    order (`--in-order`), so a test knows the worker's exact answer; with a `replies_file`,
+    prompts that match one of its patterns get that reply (`--replies`)."""
     argv = [program, "reference-worker", "--host", host, "--port", str(port)]
     argv += ["--model-names", model_name]
     if script:
         argv += ["--script", " ".join(script), "--in-order"]
+    if replies_file is not None:
+        argv += ["--replies", replies_file]
     if eos_after is not None:
         argv += ["--eos-after", str(eos_after)]
     if conv_template_file is not None:

@@ -22,7 +22,7 @@ from adapter.tools.reference_worker import (
     create_app,
     vicuna_v1_1_template,
 )
-from adapter.tools.scripted_model import EOS, SERVER_ERROR_MSG, ScriptedModel
+from adapter.tools.scripted_model import EOS, SERVER_ERROR_MSG, ScriptedModel, ScriptedReply
 from tests.adapter.helpers import within
 from tests.support.servers import LoopbackServer
 from tests.support.worker_client import (
@@ -389,6 +389,66 @@ async def test_first_token_delay_and_token_rate_pace_the_stream(start_worker: St
         response = await within(10.0, client.send(request, stream=True), "the headers")
         assert response.status_code == 200
         await response.aclose()
+
+
+# -- scripted replies --------------------------------------------------------------------------
+
+SCRIPTED = (
+    ScriptedReply(match=r"USER: how many ships\b", reply="SELECT count(*) FROM ships"),
+    ScriptedReply(match="riddle", think="no houses", reply="A map.", first_token_delay=0.3),
+)
+
+
+async def test_a_scripted_reply_streams_like_any_reply_and_ends_with_stop(
+    start_worker: StartWorker,
+) -> None:
+    async with connect(start_worker(replies=SCRIPTED)) as client:
+        body = {"prompt": "USER: how many ships? ASSISTANT:", "max_new_tokens": 50, "echo": False}
+        response, raw = await stream_raw(client, body)
+    assert response.status_code == 200
+    frames = split_frames(raw)
+    assert [f["text"] for f in frames] == [
+        "SELECT",
+        "SELECT count(*) FROM",
+        "SELECT count(*) FROM ships",
+        "SELECT count(*) FROM ships",
+    ]
+    assert [f["finish_reason"] for f in frames] == [None, None, None, "stop"]
+    assert frames[-1]["usage"]["completion_tokens"] == 4  # 4 words + EOS, one short
+
+
+async def test_a_scripted_think_block_and_its_own_pace(start_worker: StartWorker) -> None:
+    async with connect(start_worker(replies=SCRIPTED)) as client:
+        started = time.monotonic()
+        reply = await client.post("/worker_generate", json={"prompt": "a riddle", "echo": False})
+        elapsed = time.monotonic() - started
+        other = await client.post("/worker_generate", json={"prompt": "plain", "echo": False})
+    assert reply.json()["text"] == "<think> no houses </think> A map."
+    assert reply.json()["finish_reason"] == "stop"
+    assert elapsed >= 0.3  # the reply's first_token_delay; the worker's own is 0
+    assert other.json()["text"] == " ".join(MODEL.reply("plain", 256))
+
+
+def test_cli_reads_a_replies_file(tmp_path: Path) -> None:
+    path = tmp_path / "replies.toml"
+    path.write_text('[[reply]]\nmatch = "hi"\nreply = "hello there"\n')
+    parser = argparse.ArgumentParser()
+    add_reference_worker_arguments(parser)
+    config = config_from_args(parser.parse_args(["--replies", str(path)]))
+    assert config.replies == (ScriptedReply(match="hi", reply="hello there"),)
+    assert config.model.reply("hi", 5) == ["hello", "there", EOS]
+
+
+def test_cli_refuses_a_bad_replies_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "replies.toml"
+    path.write_text('[[reply]]\nmatch = "("\nreply = "x"\n')
+    parser = argparse.ArgumentParser()
+    add_reference_worker_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--replies", str(path)])
+    assert "not a regular expression" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--replies", str(tmp_path / "missing.toml")])
 
 
 # -- the other routes --------------------------------------------------------------------------
