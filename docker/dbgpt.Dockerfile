@@ -1,5 +1,5 @@
 # DB-GPT 0.8.2 model controller and apiserver (no torch, no web UI), installed from the lock
-# file the interop suite uses (PEERS.md §2.1). Build context: the repository root.
+# file the interop suite uses (docs/peers.md §2.1). Build context: the repository root.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

