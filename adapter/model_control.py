@@ -32,7 +32,7 @@ UNTOUCHED: Final = (
     "the FastChat worker itself is untouched: fastchat-adapter cannot start or stop it "
     "(do that in the FastChat deployment)"
 )
-RESTART_DELETE_WAIT: Final = 5.0  # seconds restart waits for the deregistration to go out
+RESTART_DELETE_WAIT: Final = 5.0  # seconds restart waits for each half to go out
 # DB-GPT's CLI imports the module of ``param_class`` (a missing module is a crash) and, when the
 # class is not there, builds one of this name from the descriptions: a module every Python has.
 PARAM_CLASS: Final = "builtins.FastChatAdapterModelParameters"
@@ -66,6 +66,8 @@ async def apply_action(
         await registrar.deletes_sent(key, RESTART_DELETE_WAIT)
     if action in ("start", "restart"):
         registrar.start_model(key)
+    if action == "restart":  # the reply says it is registered again: let that be true
+        await registrar.registers_sent(key, RESTART_DELETE_WAIT)
     message = f"{_DONE[action].format(key=key)}; {UNTOUCHED}"
     return WorkerApplyOutput(message=message, success=True, timecost=time.monotonic() - began)
 

@@ -209,9 +209,23 @@ class Registrar:
     async def deletes_sent(self, key: str, timeout: float) -> bool:
         """Wait (at most ``timeout`` seconds) until no controller still owes a delete of
         ``key``; whether that happened."""
+        return await self._settled(
+            lambda: not any(key in c.pending for c in self._controllers), timeout
+        )
+
+    async def registers_sent(self, key: str, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until every controller whose last call succeeded
+        holds ``key`` registered; whether that happened."""
+
+        def held() -> bool:
+            return all(key in c.registered for c in self._controllers if c.reachable is not False)
+
+        return await self._settled(held, timeout)
+
+    async def _settled(self, done: Callable[[], bool], timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(key in c.pending for c in self._controllers):
+        while not done():
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.05)
