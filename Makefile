@@ -45,9 +45,12 @@ demo: venv
 demo-app: venv
 	$(BIN)/python scripts/demo_app.py
 
+# The adapter as a relay beside the direct path, nginx, FastChat's and DB-GPT's relays (the peers
+# from the interop venvs); BENCH_ARGS=--quick for 1 repetition without the 2,000-stream hold.
 bench: venv
 	$(BIN)/python bench/bench_protocol.py
 	$(BIN)/python bench/bench_adapter.py
+	$(BIN)/python bench/relay.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .peers .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,12 @@ stream reader never looks at the status and its non-stream client would replace 
 with its own (§6.3, §8.5). An error chunk from the worker is forwarded as it is, and ends the
 stream.
 
-Streaming relays each upstream frame as one downstream frame the moment it is decoded. After
+Streaming relays each upstream frame as one downstream frame the moment it is decoded; the
+frames decoded from one upstream read go out in one write (the same bytes, fewer system calls).
+When the client is not keeping up (the last write had to wait for it to drain), only the newest
+frame of a read is sent: frames carry cumulative text and usage, so the client loses nothing
+but intermediate states, and gets the newest sooner. The frame that ends the stream is always
+sent as it is. After
 the frame that ends the stream (a finish reason or an error), the rest of the upstream body is
 read and dropped, so the worker sees a complete exchange and the connection goes back to the
 pool; a failure during that drain changes nothing downstream. The drain is bounded by
@@ -31,13 +36,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from adapter.errors import NoWorker, RequestFailed, UpstreamError
 from adapter.pool import Route
-from adapter.streaming import Emit
+from adapter.streaming import Downstream
 from adapter.tracking import Outcome, Tracker
 from protocol.dbgpt import ModelOutput, PromptRequest
 from protocol.errors import ContextOverflow, InvalidRequest, ProtocolError
@@ -148,11 +153,11 @@ class Relay:
         metrics.upstream_errors.labels(route.worker, self.tracker.model, "in_band").inc()
 
     # --- /generate_stream ---------------------------------------------------------------
-    async def _emit(self, emit: Emit, output: ModelOutput) -> None:
+    async def _emit(self, downstream: Downstream, output: ModelOutput) -> None:
         self.tracker.observe(output)  # usage, finish reason, error code
-        await emit(frame(output))
+        await downstream.emit(frame(output))
 
-    async def stream(self, emit: Emit) -> Outcome:
+    async def stream(self, emit: Downstream) -> Outcome:
         """Produce every frame of the answer (see ``FrameStreamResponse``)."""
         try:
             return await self._stream(emit)
@@ -161,7 +166,7 @@ class Relay:
             await self._emit(emit, _internal_error(exc))
             return "error"
 
-    async def _stream(self, emit: Emit) -> Outcome:
+    async def _stream(self, emit: Downstream) -> Outcome:
         try:
             prepared = await self.prepare()
         except RequestFailed as failure:
@@ -172,16 +177,17 @@ class Relay:
         outcome: Outcome = "ok"
         try:
             async with self.runtime.client.generate_stream(route.worker, plan.params) as chunks:
-                async for chunk in chunks:
-                    output = _translate(translator, chunk, route)
-                    if output is None:
-                        continue
-                    if output.error_code:
-                        self._in_band_error(route)
-                        outcome = "error"
-                    else:
-                        self.tracker.frame_relayed()
-                    await self._emit(emit, output)
+                async for batch in chunks.batches():
+                    outputs = _outputs(translator, batch, route, newest_only=emit.lagging)
+                    for output in outputs:
+                        self.tracker.observe(output)  # usage, finish reason, error code
+                        if output.error_code:
+                            self._in_band_error(route)
+                            outcome = "error"
+                        else:
+                            self.tracker.frame_relayed()
+                    if outputs:  # the frames of one upstream read in one write: same bytes
+                        await emit.emit(b"".join(map(frame, outputs)))
                     if translator.ended:
                         break
                 if translator.ended:
@@ -229,7 +235,7 @@ class Relay:
         return output, "ok"
 
 
-async def _drain(chunks: AsyncIterator[dict[str, Any]]) -> None:
+async def _drain(chunks: AsyncIterable[dict[str, Any]]) -> None:
     """Read and drop what follows the final frame, for at most ``DRAIN_TIMEOUT`` seconds."""
     with contextlib.suppress(UpstreamError, TimeoutError):
         async with asyncio.timeout(DRAIN_TIMEOUT):
@@ -244,6 +250,23 @@ def _translate(
         return translator.translate(chunk)
     except ProtocolError as exc:
         raise UpstreamError(route.worker, "malformed", f"chunk: {exc}") from exc
+
+
+def _outputs(
+    translator: StreamTranslator, batch: list[dict[str, Any]], route: Route, *, newest_only: bool
+) -> list[ModelOutput]:
+    """The frames to send for the chunks of one upstream read: all of them, or, when the client
+    is not keeping up (``newest_only``), only the newest, which carries the whole text so far.
+    Every chunk goes through the translator (its state follows each one); the frame that ends
+    the stream is always the last one returned, as it is."""
+    outputs: list[ModelOutput] = []
+    for chunk in batch:
+        output = _translate(translator, chunk, route)
+        if output is not None:
+            outputs.append(output)
+        if translator.ended:
+            break
+    return outputs[-1:] if newest_only else outputs
 
 
 def _translate_reply(reply: dict[str, Any], plan: GenerationPlan, route: Route) -> ModelOutput:

@@ -37,6 +37,7 @@ from adapter.logs import setup_logging
 from adapter.runtime import Runtime
 from adapter.settings import Settings
 from adapter.startup import startup_facts, startup_line
+from adapter.streaming import expose_raw_send
 
 log = logging.getLogger("fastchat_adapter.server")
 
@@ -87,7 +88,7 @@ def build_server(settings: Settings) -> AdapterServer:
     app = create_app(settings)
     runtime: Runtime = app.state.runtime
     config = uvicorn.Config(
-        app,
+        expose_raw_send(app),
         host=settings.host,
         port=settings.port,
         http=protocol_class(settings, runtime),
@@ -137,6 +138,7 @@ def serve(settings: Settings) -> int:
     log.info("%s", startup_line(settings), extra=facts)
     server = build_server(settings)
     with sock:
-        asyncio.run(server.serve(sockets=[sock]))
+        # ``run`` picks the event loop: uvloop when installed (a dependency on Linux).
+        server.run(sockets=[sock])
     # uvicorn returns without serving when the lifespan startup failed (it logged why).
     return ExitCode.OK if server.started else ExitCode.CANNOT_START

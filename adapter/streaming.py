@@ -6,7 +6,8 @@ for each frame, and owns the three things Starlette's ``StreamingResponse`` does
 - **No buffering.** Each ``emit`` is one ASGI body message, sent before the producer reads
   the next upstream frame (the server writes each message at once, chunk-encoded).
 - **Keep-alive.** Whenever nothing has been sent for ``keepalive_interval`` seconds (a slow
-  first token, a queued request), an empty frame (a bare NUL) goes out. DB-GPT's reader skips
+  first token, a queued request), an empty frame (a bare NUL) goes out, within half an
+  interval more: one timer serves every open stream (``_KeepaliveClock``). DB-GPT's reader skips
   empty pieces (docs/protocol.md §8.4); proxies and load balancers see a live connection.
 - **Disconnects.** A task waits for ``http.disconnect`` from the start. The moment it comes,
   the producer is cancelled wherever it is (preparing, waiting for the first token, or between
@@ -29,40 +30,115 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar, Final
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from adapter.tracking import Outcome
 from protocol.framing import KEEPALIVE
 
 log = logging.getLogger("fastchat_adapter.relay")
 
-Emit = Callable[[bytes], Awaitable[None]]
-Producer = Callable[[Emit], Awaitable[Outcome]]
+RAW_SEND: Final = "fastchat_adapter.raw_send"
+"""Scope key of the server's own ``send`` (``expose_raw_send``): body frames skip the
+middleware wrappers, which only look at ``http.response.start``."""
 
 
-class _Writer:
-    """Serialises sends from the producer and the keep-alive task; remembers the last one."""
+def expose_raw_send(app: ASGIApp) -> ASGIApp:
+    """Wrap the whole application (outside Starlette's error middleware) so that a stream can
+    write its frames with the server's ``send`` directly: four wrapper calls less per frame."""
+
+    async def with_raw_send(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[RAW_SEND] = send
+        await app(scope, receive, send)
+
+    return with_raw_send
+
+
+def _paused_probe(send: Send) -> Callable[[], bool]:
+    """Whether the server's transport is above its high-water mark (the client is not reading
+    fast enough). Uvicorn's h11 and httptools cycles both keep a ``flow`` with ``write_paused``;
+    any other server: never."""
+    flow = getattr(getattr(send, "__self__", None), "flow", None)
+    if flow is None or not hasattr(flow, "write_paused"):
+        return lambda: False
+    return lambda: bool(flow.write_paused)
+
+
+class Downstream:
+    """Serialises sends from the producer and the keep-alive task; remembers the last one.
+
+    ``lagging`` says the last frame had to wait for the client to drain what was sent before:
+    the producer may then send only the newest of the frames waiting upstream (frames carry
+    cumulative text, so nothing is lost but intermediate states)."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
+        self._paused = _paused_probe(send)
         self._lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self.last_sent = self._loop.time()
+        self.lagging = False
+        self._keepalive: asyncio.Future[None] | None = None
 
     async def emit(self, frame: bytes) -> None:
+        self.lagging = self._paused()
         async with self._lock:  # uncontended: no suspension, so no cost per frame
             await self._send({"type": "http.response.body", "body": frame, "more_body": True})
         self.last_sent = self._loop.time()
 
-    async def keepalive(self, interval: float) -> None:
-        while True:
-            idle_for = self._loop.time() - self.last_sent
-            if idle_for < interval:
-                await asyncio.sleep(interval - idle_for)
-            else:
-                await self.emit(KEEPALIVE)
+    def keepalive(self) -> None:
+        """Send a keep-alive now, unless a send is under way (the client is not idle then)."""
+        if not self._lock.locked() and (self._keepalive is None or self._keepalive.done()):
+            self._keepalive = asyncio.ensure_future(self.emit(KEEPALIVE))
+
+    async def close(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            await asyncio.gather(self._keepalive, return_exceptions=True)
+
+
+class _KeepaliveClock:
+    """One timer per event loop and interval for every open stream, instead of a sleeping
+    task per stream: every half interval, each stream idle for ``interval`` or more gets an
+    empty frame. So a silent stream sees one every 1 to 1.5 intervals."""
+
+    _clocks: ClassVar[dict[tuple[asyncio.AbstractEventLoop, float], _KeepaliveClock]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self._loop = loop
+        self._interval = interval
+        self._streams: set[Downstream] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, interval: float) -> _KeepaliveClock:
+        loop = asyncio.get_running_loop()
+        clock = cls._clocks.get((loop, interval))
+        if clock is None:
+            clock = cls._clocks[(loop, interval)] = cls(loop, interval)
+        return clock
+
+    def add(self, stream: Downstream) -> None:
+        self._streams.add(stream)
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._interval / 2, self._tick)
+
+    def discard(self, stream: Downstream) -> None:
+        self._streams.discard(stream)
+
+    def _tick(self) -> None:
+        if not self._streams:  # nothing open: forget this clock until the next stream
+            self._timer = None
+            self._clocks.pop((self._loop, self._interval), None)
+            return
+        now = self._loop.time()
+        for stream in self._streams:
+            if now - stream.last_sent >= self._interval:
+                stream.keepalive()
+        self._timer = self._loop.call_later(self._interval / 2, self._tick)
 
 
 async def wait_for_disconnect(receive: Receive) -> None:
@@ -79,6 +155,10 @@ class GoingAway:
     farewell: bytes
     on_cut: Callable[[], None] = lambda: None
     event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+Emit = Callable[[bytes], Awaitable[None]]
+Producer = Callable[[Downstream], Awaitable[Outcome]]
 
 
 class FrameStreamResponse(Response):
@@ -105,20 +185,22 @@ class FrameStreamResponse(Response):
         outcome: Outcome = "client_gone"
         try:
             await send({"type": "http.response.start", "status": 200, "headers": []})
-            writer = _Writer(send)
-            work = asyncio.ensure_future(self._producer(writer.emit))
+            writer = Downstream(scope.get(RAW_SEND, send))
+            work = asyncio.ensure_future(self._producer(writer))
             gone = asyncio.ensure_future(wait_for_disconnect(receive))
-            keepalive = asyncio.ensure_future(writer.keepalive(self._keepalive_interval))
             closing = asyncio.ensure_future(self._going_away.event.wait())
-            tasks = (work, gone, keepalive, closing)
+            tasks = (work, gone, closing)
+            clock = _KeepaliveClock.of(self._keepalive_interval)
+            clock.add(writer)
             try:
-                await asyncio.wait((work, gone, closing), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                clock.discard(writer)
                 finished, cut = work.done(), closing.done() and not gone.done()
                 for task in tasks:
                     task.cancel()
                 # Let the producer unwind (closing the upstream) before the response ends.
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*tasks, writer.close(), return_exceptions=True)
             if finished and not work.cancelled():
                 outcome = "error"
                 outcome = work.result()  # the producer handles its errors: a raise is a bug

@@ -9,6 +9,7 @@ inspecting httpx exceptions.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any, Final, TypeVar, cast
@@ -16,6 +17,7 @@ from typing import Any, Final, TypeVar, cast
 import httpx
 
 from adapter.errors import UpstreamError
+from adapter.stream_reader import StreamFailure, UpstreamStream, open_stream
 from protocol import fastchat
 from protocol.errors import ProtocolError, WorkerError
 from protocol.fastchat import ConvTemplate, GenerationParams, WorkerStatus
@@ -52,7 +54,10 @@ class FastChatClient:
         self, http: httpx.AsyncClient, *, idle_timeout: float, generate_timeout: float = 600.0
     ) -> None:
         self._http = http
+        self._connect_timeout = http.timeout.connect or DEFAULT_READ_TIMEOUT
         self._idle_timeout = idle_timeout
+        # Streams through adapter/stream_reader.py; off only where httpx is mocked (respx).
+        self.lean_streams = True
         self._generate_timeout = generate_timeout
 
     # --- worker routes ------------------------------------------------------------------
@@ -99,12 +104,51 @@ class FastChatClient:
     @asynccontextmanager
     async def generate_stream(
         self, worker: str, params: GenerationParams
-    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        """Open the stream; iterate decoded chunks. Leaving the block closes the upstream
-        connection at once if the body is unfinished, which is how FastChat frees the worker's
-        concurrency slot."""
-        # No total timeout; the read timeout is the idle timeout: it bounds the wait for the
-        # headers (a queued or wedged worker) and then every wait between two reads.
+    ) -> AsyncIterator[ChunkStream]:
+        """Open the stream; iterate decoded chunks (or ``batches()``: the chunks of each read).
+        Leaving the block closes the upstream connection at once if the body is unfinished,
+        which is how FastChat frees the worker's concurrency slot. The read timeout is the idle
+        timeout: it bounds the wait for the headers (a queued or wedged worker) and then every
+        wait between two reads; there is no total timeout."""
+        if not self.lean_streams:
+            async with self._httpx_stream(worker, params) as chunks:
+                yield chunks
+            return
+        body = json.dumps(
+            params.to_wire(), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        ).encode("utf-8")
+        try:
+            response = await open_stream(
+                worker + "/worker_generate_stream",
+                body,
+                connect_timeout=self._connect_timeout,
+                idle_timeout=self._idle_timeout,
+            )
+        except StreamFailure as exc:
+            raise self._stream_failure(worker, exc) from exc
+        try:
+            if response.status != 200:
+                raise UpstreamError(
+                    worker, "http_status", f"HTTP {response.status}: {await _lean_head(response)}"
+                )
+            batches = self._batches(worker, _lean_pieces(self, worker, response))
+            try:
+                yield ChunkStream(batches)
+            finally:
+                await batches.aclose()
+        finally:
+            response.close()
+
+    def _stream_failure(self, worker: str, exc: StreamFailure) -> UpstreamError:
+        if exc.reason == "idle_timeout":
+            return self._idle(worker)
+        return UpstreamError(worker, exc.reason, str(exc))  # type: ignore[arg-type]
+
+    @asynccontextmanager
+    async def _httpx_stream(
+        self, worker: str, params: GenerationParams
+    ) -> AsyncIterator[ChunkStream]:
+        """The same through httpx (``lean_streams`` off: a mocked transport in tests)."""
         request = self._http.build_request(
             "POST",
             worker + "/worker_generate_stream",
@@ -123,21 +167,20 @@ class FastChatClient:
             if response.status_code != 200:
                 body = await _head(response)
                 raise UpstreamError(worker, "http_status", f"HTTP {response.status_code}: {body}")
-            chunks = self._chunks(worker, response)
+            batches = self._batches(worker, self._httpx_pieces(worker, response))
             try:
-                yield chunks
+                yield ChunkStream(batches)
             finally:
-                await chunks.aclose()
+                await batches.aclose()
         finally:
             await response.aclose()
 
-    async def _chunks(
+    async def _httpx_pieces(
         self, worker: str, response: httpx.Response
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> AsyncGenerator[bytes, None]:
         # httpx's raw iterator is an async generator: close it with us, not at GC time.
         raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())
         async with aclosing(raw):
-            decoder = FrameDecoder()
             while True:
                 try:
                     data = await raw.__anext__()
@@ -147,13 +190,20 @@ class FastChatClient:
                     raise self._idle(worker) from exc
                 except httpx.HTTPError as exc:
                     raise _transport_error(worker, exc) from exc
+                yield data
+
+    async def _batches(
+        self, worker: str, pieces: AsyncGenerator[bytes, None]
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        async with aclosing(pieces):
+            decoder = FrameDecoder()
+            async for data in pieces:
                 try:
                     frames = decoder.feed(data)
                 except ProtocolError as exc:
                     raise UpstreamError(worker, "malformed", str(exc)) from exc
-                for frame in frames:
-                    yield frame
                 if frames:
+                    yield frames
                     # The decoder hands over the good frames before a bad one and keeps the
                     # error for its next call: surface it now, not after the next write.
                     try:
@@ -246,6 +296,45 @@ class FastChatClient:
             detail = f"{path}: HTTP {response.status_code}: {response.text[:500]}"
             raise UpstreamError(worker, "http_status", detail)
         return reply
+
+
+class ChunkStream:
+    """The decoded chunks of one stream, one by one or per upstream read (``batches``): a
+    read that brings several means the worker is ahead of us (docs: adapter/relay.py)."""
+
+    def __init__(self, batches: AsyncGenerator[list[dict[str, Any]], None]) -> None:
+        self._batches = batches
+
+    def batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
+        return self._batches
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        async for batch in self._batches:
+            for chunk in batch:
+                yield chunk
+
+
+async def _lean_pieces(
+    client: FastChatClient, worker: str, response: UpstreamStream
+) -> AsyncGenerator[bytes, None]:
+    try:
+        async for piece in response.pieces():
+            yield piece
+    except StreamFailure as exc:
+        raise client._stream_failure(worker, exc) from exc
+
+
+async def _lean_head(response: UpstreamStream, limit: int = 500) -> str:
+    """The start of an error body, like ``_head``."""
+    head = bytearray()
+    try:
+        async for data in response.pieces():
+            head += data
+            if len(head) >= limit:
+                break
+    except StreamFailure as exc:
+        head += f" [body unreadable: {exc}]".encode()
+    return head[:limit].decode("utf-8", "replace")
 
 
 def _as_is(reply: dict[str, Any]) -> dict[str, Any]:

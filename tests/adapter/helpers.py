@@ -227,7 +227,10 @@ async def mocked_worker(
         mock.post("/count_token", name="count").respond(json=counted)
         mock.post("/worker_generate_stream", name="stream").respond(content=MOCK_STREAM_BODY)
         mock.post("/worker_generate", name="generate").respond(json=MOCK_CHUNKS[-1])
-        async with in_process(create_app(settings_for(MOCK_WORKER, **values))) as client:
+        app = create_app(settings_for(MOCK_WORKER, **values))
+        # respx sees httpx only: streams take httpx's path instead of the lean reader.
+        app.state.runtime.client.lean_streams = False
+        async with in_process(app) as client:
             yield client, mock
 
 

@@ -62,7 +62,9 @@ def client_for(body: Body, idle_timeout: float = 5.0, status: int = 200) -> Fast
         return httpx.Response(status, stream=body)
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
-    return FastChatClient(http, idle_timeout=idle_timeout)
+    client = FastChatClient(http, idle_timeout=idle_timeout)
+    client.lean_streams = False  # the httpx path; the lean reader: test_stream_reader.py
+    return client
 
 
 async def read(client: FastChatClient) -> tuple[list[dict[str, Any]], UpstreamError | None]:
