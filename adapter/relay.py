@@ -5,7 +5,7 @@ The pipeline, shared by ``/generate_stream`` and ``/generate``::
     resolve the worker (shortest queue)          unknown model      -> 40301 / 50005
     model_info: template + context length        (cached per worker and model)
     build_prompt                                  template unusable  -> 50001
-    /count_token                                  (the one call a steady-state request adds)
+    /count_token                                  only when the clamp may bind (see prepare)
     plan_generation                               context overflow   -> 40303, nothing sent
     /worker_generate_stream or /worker_generate
 
@@ -52,8 +52,10 @@ from protocol.translate import (
     GenerationPlan,
     StreamTranslator,
     build_prompt,
+    count_can_matter,
     error_output,
     plan_generation,
+    prompt_tokens_bound,
     request_images,
     translate_reply,
 )
@@ -103,7 +105,14 @@ class Relay:
             info = await runtime.pool.model_info(route)
             images = self._images_for(route)
             prompt = build_prompt(request, info.conv, numbering=numbering, with_images=bool(images))
-            tokens = await runtime.client.count_token(route.worker, route.model, prompt)
+            if settings.always_count_tokens or count_can_matter(
+                request, prompt, info.context_length
+            ):
+                tokens = await runtime.client.count_token(route.worker, route.model, prompt)
+            else:
+                # The bound leaves the clamp as it is (min(requested, budget) == requested), so
+                # the plan is the one an exact count gives, one upstream round trip sooner.
+                tokens = prompt_tokens_bound(prompt)
             plan = plan_generation(
                 request,
                 model=route.model,

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
     keepalive_interval: float = Field(
         5.0, gt=0, description="Send an empty frame downstream after this many idle seconds."
     )
+    always_count_tokens: bool = Field(
+        False,
+        description="Ask the worker's /count_token for every request; by default only when "
+        "the prompt may be long enough for max_new_tokens to be clamped.",
+    )
     default_temperature: float = Field(
         0.0,
         ge=0,

@@ -108,8 +108,11 @@ class UpstreamStream:
                 yield bytes(out)
             data = await self._read()
             if not data:
-                raise StreamFailure("broken_stream", "peer closed connection without sending "
-                                    "complete message body (incomplete chunked read)")
+                raise StreamFailure(
+                    "broken_stream",
+                    "peer closed connection without sending "
+                    "complete message body (incomplete chunked read)",
+                )
             buffer += data
 
     async def _plain(self) -> AsyncGenerator[bytes, None]:
@@ -124,8 +127,10 @@ class UpstreamStream:
             data = await self._read()
             if not data:
                 if left:
-                    raise StreamFailure("broken_stream", "peer closed connection without "
-                                        "sending complete message body")
+                    raise StreamFailure(
+                        "broken_stream",
+                        "peer closed connection without sending complete message body",
+                    )
                 return
             if left is not None:
                 data = data[:left]

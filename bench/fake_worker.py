@@ -87,13 +87,18 @@ def frames_for(api: str, n: int, prompt_tokens: int) -> tuple[bytes, ...]:
             "total_tokens": prompt_tokens + i,
         }
         if api == "fastchat":
-            objects.append(
-                {"text": text, "error_code": 0, "usage": usage, "finish_reason": None}
-            )
+            objects.append({"text": text, "error_code": 0, "usage": usage, "finish_reason": None})
         else:
             objects.append(
-                {"text": text, "error_code": 0, "incremental": False, "model_context": None,
-                 "finish_reason": None, "usage": usage, "metrics": None}
+                {
+                    "text": text,
+                    "error_code": 0,
+                    "incremental": False,
+                    "model_context": None,
+                    "finish_reason": None,
+                    "usage": usage,
+                    "metrics": None,
+                }
             )
     objects.append(dict(objects[-1], finish_reason="length"))
     return tuple(json.dumps(o).encode() + b"\0" for o in objects)
@@ -145,14 +150,26 @@ async def heartbeat() -> None:
                 if C.api == "fastchat":
                     await client.post(
                         f"{C.controller}/register_worker",
-                        json={"worker_name": me, "check_heart_beat": True,
-                              "worker_status": status(), "multimodal": False},
+                        json={
+                            "worker_name": me,
+                            "check_heart_beat": True,
+                            "worker_status": status(),
+                            "multimodal": False,
+                        },
                     )
                 else:
-                    instance = {"model_name": f"{C.model}@llm", "host": C.host, "port": C.port,
-                                "weight": 1.0, "check_healthy": True, "healthy": False,
-                                "enabled": True, "prompt_template": None,
-                                "last_heartbeat": None, "remove_from_registry": False}
+                    instance = {
+                        "model_name": f"{C.model}@llm",
+                        "host": C.host,
+                        "port": C.port,
+                        "weight": 1.0,
+                        "check_healthy": True,
+                        "healthy": False,
+                        "enabled": True,
+                        "prompt_template": None,
+                        "last_heartbeat": None,
+                        "remove_from_registry": False,
+                    }
                     await client.post(f"{C.controller}/api/controller/models", json=instance)
             await asyncio.sleep(10)
 
@@ -199,8 +216,13 @@ async def dbgpt_count_token(request: Request) -> int:
 
 @app.post("/api/worker/model_metadata")
 async def model_metadata() -> dict[str, Any]:
-    return {"model": C.model, "context_length": C.context_length, "chat_model": True,
-            "metadata": {}, "ext_metadata": {}}
+    return {
+        "model": C.model,
+        "context_length": C.context_length,
+        "chat_model": True,
+        "metadata": {},
+        "ext_metadata": {},
+    }
 
 
 @app.post("/worker_generate")

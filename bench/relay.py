@@ -59,8 +59,17 @@ def worker_body(frames: int, delay: float) -> bytes:
     """What FastChat's openai_api_server sends a worker."""
     prompt = f"USER: {PROMPT}{_directive(frames, delay)} ASSISTANT:"
     return json.dumps(
-        {"model": "fake", "prompt": prompt, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
-         "max_new_tokens": frames, "echo": False, "stop_token_ids": None, "stop": []}
+        {
+            "model": "fake",
+            "prompt": prompt,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "top_k": -1,
+            "max_new_tokens": frames,
+            "echo": False,
+            "stop_token_ids": None,
+            "stop": [],
+        }
     ).encode()
 
 
@@ -68,16 +77,26 @@ def prompt_request_body(frames: int, delay: float) -> bytes:
     """What DB-GPT's apiserver sends a DB-GPT worker: the adapter's input."""
     message = {"role": "human", "content": PROMPT + _directive(frames, delay), "round_index": 0}
     return json.dumps(
-        {"model": "fake", "messages": [message], "echo": False, "temperature": 0.7,
-         "max_new_tokens": frames}
+        {
+            "model": "fake",
+            "messages": [message],
+            "echo": False,
+            "temperature": 0.7,
+            "max_new_tokens": frames,
+        }
     ).encode()
 
 
 def chat_body(frames: int, delay: float) -> bytes:
     message = {"role": "user", "content": PROMPT + _directive(frames, delay)}
     return json.dumps(
-        {"model": "fake", "messages": [message], "max_tokens": frames, "temperature": 0,
-         "stream": True}
+        {
+            "model": "fake",
+            "messages": [message],
+            "max_tokens": frames,
+            "temperature": 0,
+            "stream": True,
+        }
     ).encode()
 
 
@@ -171,8 +190,10 @@ class Stream:
             del self._data[: end + len(sep)]
             if not piece.strip() or piece.strip() == b"data: [DONE]":
                 continue
-            if b'"error_code": 0' not in piece and b'"error_code":0' not in piece and (
-                b'"error_code"' in piece
+            if (
+                b'"error_code": 0' not in piece
+                and b'"error_code":0' not in piece
+                and (b'"error_code"' in piece)
             ):
                 self.error = self.error or piece[:200].decode("utf-8", "replace")
             if self.ttft is None:
@@ -183,8 +204,13 @@ class Stream:
             self.frames += 1
 
 
-async def one_stream(url: tuple[str, int, str], body: bytes, sse: bool, limit: float,
-                     on_frame: Callable[[Stream], None] | None = None) -> Stream:
+async def one_stream(
+    url: tuple[str, int, str],
+    body: bytes,
+    sse: bool,
+    limit: float,
+    on_frame: Callable[[Stream], None] | None = None,
+) -> Stream:
     host, port, path = url
     stream = Stream(sse)
     request = (
@@ -237,12 +263,16 @@ class Watch:
 
     def stop(self) -> dict[str, Any]:
         self._task.cancel()
-        return {"cpu_us": (cpu_ticks(self.pids) - self.ticks) * TICK_US,
-                "rss_peak_mb": self.rss_peak / 1024, "load": self.load}
+        return {
+            "cpu_us": (cpu_ticks(self.pids) - self.ticks) * TICK_US,
+            "rss_peak_mb": self.rss_peak / 1024,
+            "load": self.load,
+        }
 
 
-async def load_test(relay: Relay, frames: int, delay: float, m: int, c: int,
-                    limit: float) -> dict[str, Any]:
+async def load_test(
+    relay: Relay, frames: int, delay: float, m: int, c: int, limit: float
+) -> dict[str, Any]:
     body = relay.body(frames, delay)
     queue = list(range(m))
     results: list[Stream] = []
@@ -261,10 +291,16 @@ async def load_test(relay: Relay, frames: int, delay: float, m: int, c: int,
     token_frames = sum(s.frames for s in results)
     upstream_frames = m * frames  # what the worker produced: a relay may coalesce under load
     return {
-        "relay": relay.name, "frames": frames, "delay": delay, "m": m, "c": c, "wall_s": wall,
-        "ok": sum(1 for s in results if not s.error), "errors": sorted(
-            {s.error for s in results if s.error})[:5],
-        "ttft_p50_ms": pct(ttfts, 50), "ttft_p99_ms": pct(ttfts, 99),
+        "relay": relay.name,
+        "frames": frames,
+        "delay": delay,
+        "m": m,
+        "c": c,
+        "wall_s": wall,
+        "ok": sum(1 for s in results if not s.error),
+        "errors": sorted({s.error for s in results if s.error})[:5],
+        "ttft_p50_ms": pct(ttfts, 50),
+        "ttft_p99_ms": pct(ttfts, 99),
         "token_frames": token_frames,
         "cpu_us_per_frame": usage["cpu_us"] / upstream_frames,
         "cpu_ms_per_request": usage["cpu_us"] / 1000 / m,
@@ -272,8 +308,9 @@ async def load_test(relay: Relay, frames: int, delay: float, m: int, c: int,
     }
 
 
-async def hold_test(relay: Relay, streams: int, ramp: float, limit: float,
-                    stall: float) -> dict[str, Any]:
+async def hold_test(
+    relay: Relay, streams: int, ramp: float, limit: float, stall: float
+) -> dict[str, Any]:
     body = relay.body(30, 1.0)
     watch = Watch(relay.pids)
     rss_at_peak = 0.0
@@ -298,16 +335,22 @@ async def hold_test(relay: Relay, streams: int, ramp: float, limit: float,
     results = await asyncio.gather(*(one(i) for i in range(streams)))
     usage = watch.stop()
     stalled = [
-        s for s in results
+        s
+        for s in results
         if not s.error and (s.ttft is None or s.ttft > stall or s.max_gap > stall)
     ]
     errors = [s for s in results if s.error]
     first = [s.ttft * 1000 for s in results if s.ttft is not None]
     return {
-        "relay": relay.name, "streams": streams, "ok": streams - len(stalled) - len(errors),
-        "stalled": len(stalled), "errors": len(errors),
+        "relay": relay.name,
+        "streams": streams,
+        "ok": streams - len(stalled) - len(errors),
+        "stalled": len(stalled),
+        "errors": len(errors),
         "error_kinds": sorted({s.error or "" for s in errors})[:5],
-        "first_frame_p99_ms": pct(first, 99), "rss_at_peak_mb": rss_at_peak, **usage,
+        "first_frame_p99_ms": pct(first, 99),
+        "rss_at_peak_mb": rss_at_peak,
+        **usage,
     }
 
 
@@ -331,8 +374,12 @@ class Processes:
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            [str(a) for a in argv], stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})}, start_new_session=True, cwd=self.logs,
+            [str(a) for a in argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+            cwd=self.logs,
         )
         self.started[name] = proc
         return proc.pid
@@ -352,8 +399,9 @@ class Processes:
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=3) as reply:
         return json.loads(reply.read() or b"null")
 
@@ -364,7 +412,7 @@ def wait_until(what: str, check: Callable[[], Any], limit: float = 90.0) -> None
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:
             pass
         time.sleep(0.3)
     raise RuntimeError(f"{what}: not ready after {limit:g} s")
@@ -373,14 +421,19 @@ def wait_until(what: str, check: Callable[[], Any], limit: float = 90.0) -> None
 def peer_python(peers: Path, prefix: str, module: str) -> Path | None:
     for venv in sorted(peers.glob(prefix + "*")):
         python = venv / "bin/python"
-        if python.exists() and subprocess.run(
-            [python, "-c", f"import {module}"], capture_output=True, check=False
-        ).returncode == 0:
+        if (
+            python.exists()
+            and subprocess.run(
+                [python, "-c", f"import {module}"], capture_output=True, check=False
+            ).returncode
+            == 0
+        ):
             return python
     return None
 
 
-NGINX_CONF = """daemon off; worker_processes 1; pid {run}/nginx.pid; error_log {run}/nginx-error.log;
+NGINX_CONF = """daemon off; worker_processes 1; pid {run}/nginx.pid;
+error_log {run}/nginx-error.log;
 events {{ worker_connections 8192; }}
 http {{
   access_log off; client_body_temp_path {run}/tmp; proxy_temp_path {run}/tmp;
@@ -405,8 +458,14 @@ controller_addr = "http://127.0.0.1:{controller}"
 """
 
 
-def start_relays(procs: Processes, run: Path, want: set[str], base: int,
-                 peers: Path, baseline: Path | None = None) -> list[Relay]:
+def start_relays(
+    procs: Processes,
+    run: Path,
+    want: set[str],
+    base: int,
+    peers: Path,
+    baseline: Path | None = None,
+) -> list[Relay]:
     fc_python = peer_python(peers, "fastchat-", "fastchat")
     fake = ROOT / "bench/fake_worker.py"
     worker_port, controller_port, openai_port = base + 10, base + 1, base + 2
@@ -414,55 +473,107 @@ def start_relays(procs: Processes, run: Path, want: set[str], base: int,
     relays: list[Relay] = []
     worker_argv = [fake_python, fake, "--port", str(worker_port)]
     if fc_python and want & {"controller", "openai"}:
-        procs.start("fc_controller", [fc_python, "-m", "fastchat.serve.controller",
-                                      "--host", HOST, "--port", str(controller_port)],
-                    {"LOGDIR": str(run)})
-        wait_until("FastChat controller", lambda: http(
-            "GET", f"http://{HOST}:{controller_port}/test_connection") == "success")
+        procs.start(
+            "fc_controller",
+            [
+                fc_python,
+                "-m",
+                "fastchat.serve.controller",
+                "--host",
+                HOST,
+                "--port",
+                str(controller_port),
+            ],
+            {"LOGDIR": str(run)},
+        )
+        wait_until(
+            "FastChat controller",
+            lambda: http("GET", f"http://{HOST}:{controller_port}/test_connection") == "success",
+        )
         worker_argv += ["--controller-address", f"http://{HOST}:{controller_port}"]
     worker = procs.start("worker", worker_argv)
-    wait_until("fake worker", lambda: http(
-        "POST", f"http://{HOST}:{worker_port}/worker_get_status")["model_names"])
-    relays.append(Relay("direct", (HOST, worker_port, "/worker_generate_stream"),
-                        worker_body, False, [worker]))
+    wait_until(
+        "fake worker",
+        lambda: http("POST", f"http://{HOST}:{worker_port}/worker_get_status")["model_names"],
+    )
+    relays.append(
+        Relay(
+            "direct", (HOST, worker_port, "/worker_generate_stream"), worker_body, False, [worker]
+        )
+    )
     if "nginx" in want:
-        nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                          else None)
+        nginx = shutil.which("nginx") or (
+            "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+        )
         if nginx:
             (run / "tmp").mkdir(exist_ok=True)
             conf = run / "nginx.conf"
             conf.write_text(NGINX_CONF.format(run=run, worker=worker_port, port=base + 30))
             pid = procs.start("nginx", [nginx, "-p", run, "-c", conf])
-            wait_until("nginx", lambda: http(
-                "POST", f"http://{HOST}:{base + 30}/worker_get_status")["model_names"])
-            relays.append(Relay("nginx", (HOST, base + 30, "/worker_generate_stream"),
-                                worker_body, False, [pid]))
+            wait_until(
+                "nginx",
+                lambda: http("POST", f"http://{HOST}:{base + 30}/worker_get_status")["model_names"],
+            )
+            relays.append(
+                Relay(
+                    "nginx", (HOST, base + 30, "/worker_generate_stream"), worker_body, False, [pid]
+                )
+            )
         else:
             print("nginx: not installed, left out (apt-get install -y nginx-light)")
     if fc_python and want & {"controller", "openai"}:
-        wait_until("worker registered", lambda: "fake" in http(
-            "POST", f"http://{HOST}:{controller_port}/list_models")["models"])
+        wait_until(
+            "worker registered",
+            lambda: (
+                "fake" in http("POST", f"http://{HOST}:{controller_port}/list_models")["models"]
+            ),
+        )
         controller = procs.started["fc_controller"].pid
         if "controller" in want:
-            relays.append(Relay("controller", (HOST, controller_port, "/worker_generate_stream"),
-                                worker_body, False, [controller]))
+            relays.append(
+                Relay(
+                    "controller",
+                    (HOST, controller_port, "/worker_generate_stream"),
+                    worker_body,
+                    False,
+                    [controller],
+                )
+            )
         if "openai" in want:
-            pid = procs.start("fc_openai", [
-                fc_python, "-m", "fastchat.serve.openai_api_server", "--host", HOST,
-                "--port", str(openai_port), "--controller-address",
-                f"http://{HOST}:{controller_port}"], {"LOGDIR": str(run)})
-            wait_until("openai_api_server", lambda: http(
-                "GET", f"http://{HOST}:{openai_port}/v1/models")["data"])
-            relays.append(Relay("openai", (HOST, openai_port, "/v1/chat/completions"),
-                                chat_body, True, [pid]))
+            pid = procs.start(
+                "fc_openai",
+                [
+                    fc_python,
+                    "-m",
+                    "fastchat.serve.openai_api_server",
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(openai_port),
+                    "--controller-address",
+                    f"http://{HOST}:{controller_port}",
+                ],
+                {"LOGDIR": str(run)},
+            )
+            wait_until(
+                "openai_api_server",
+                lambda: http("GET", f"http://{HOST}:{openai_port}/v1/models")["data"],
+            )
+            relays.append(
+                Relay("openai", (HOST, openai_port, "/v1/chat/completions"), chat_body, True, [pid])
+            )
     elif want & {"controller", "openai"}:
         print(f"FastChat relays: no fschat venv under {peers}, left out")
     if "dbgpt" in want:
         dbgpt = None
         for venv in sorted(peers.glob("dbgpt-*")):
             candidate = venv / "bin/dbgpt"
-            version = subprocess.run([venv / "bin/python", "-c", "import dbgpt;print(dbgpt.__version__)"],
-                                     capture_output=True, text=True, check=False).stdout.strip()
+            version = subprocess.run(
+                [venv / "bin/python", "-c", "import dbgpt;print(dbgpt.__version__)"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
             if candidate.exists() and version.startswith("0.8"):
                 dbgpt = candidate
                 break
@@ -471,16 +582,33 @@ def start_relays(procs: Processes, run: Path, want: set[str], base: int,
             toml.write_text(DBGPT_TOML.format(controller=base + 20, api=base + 21))
             env = {"DBGPT_HOME": str(run / "dbgpt_home")}
             procs.start("db_controller", [dbgpt, "start", "controller", "-c", toml], env)
-            wait_until("DB-GPT controller", lambda: http(
-                "GET", f"http://{HOST}:{base + 20}/api/health")["status"] == "ok")
-            procs.start("db_worker", [fake_python, fake, "--api", "dbgpt", "--port",
-                                      str(base + 11), "--controller-address",
-                                      f"http://{HOST}:{base + 20}"])
+            wait_until(
+                "DB-GPT controller",
+                lambda: http("GET", f"http://{HOST}:{base + 20}/api/health")["status"] == "ok",
+            )
+            procs.start(
+                "db_worker",
+                [
+                    fake_python,
+                    fake,
+                    "--api",
+                    "dbgpt",
+                    "--port",
+                    str(base + 11),
+                    "--controller-address",
+                    f"http://{HOST}:{base + 20}",
+                ],
+            )
             pid = procs.start("db_apiserver", [dbgpt, "start", "apiserver", "-c", toml], env)
-            wait_until("DB-GPT apiserver", lambda: http(
-                "GET", f"http://{HOST}:{base + 21}/api/v1/models")["data"])
-            relays.append(Relay("dbgpt", (HOST, base + 21, "/api/v1/chat/completions"),
-                                chat_body, True, [pid]))
+            wait_until(
+                "DB-GPT apiserver",
+                lambda: http("GET", f"http://{HOST}:{base + 21}/api/v1/models")["data"],
+            )
+            relays.append(
+                Relay(
+                    "dbgpt", (HOST, base + 21, "/api/v1/chat/completions"), chat_body, True, [pid]
+                )
+            )
         else:
             print(f"DB-GPT apiserver: no DB-GPT 0.8 venv under {peers}, left out")
     adapters = [("adapter", Path(sys.executable).parent / "fastchat-adapter")]
@@ -488,12 +616,25 @@ def start_relays(procs: Processes, run: Path, want: set[str], base: int,
         adapters.insert(0, ("adapter@base", baseline))
     for offset, (name, program) in enumerate(adapters if "adapter" in want else []):
         port = base + 40 + offset
-        pid = procs.start(name, [program, "serve", "--port", str(port),
-                                 "--worker-address", f"http://{HOST}:{worker_port}",
-                                 "--log-level", "warning"])
+        pid = procs.start(
+            name,
+            [
+                program,
+                "serve",
+                "--port",
+                str(port),
+                "--worker-address",
+                f"http://{HOST}:{worker_port}",
+                "--log-level",
+                "warning",
+            ],
+        )
         wait_until(name, lambda port=port: http("GET", f"http://{HOST}:{port}/readyz"))
-        relays.append(Relay(name, (HOST, port, "/api/worker/generate_stream"),
-                            prompt_request_body, False, [pid]))
+        relays.append(
+            Relay(
+                name, (HOST, port, "/api/worker/generate_stream"), prompt_request_body, False, [pid]
+            )
+        )
     return relays
 
 
@@ -527,21 +668,27 @@ async def run_all(args: argparse.Namespace, relays: list[Relay]) -> dict[str, An
                 r = await load_test(relay, frames, delay, m, c, args.deadline)
                 r.update(phase=phase, rep=rep)
                 results["load"].append(r)
-                print(f"rep{rep} {phase:<10} {relay.name:<10} ok={r['ok']}/{m} "
-                      f"cpu={r['cpu_us_per_frame'] or 0:.1f}us/frame "
-                      f"({r['cpu_ms_per_request']:.2f}ms/req) ttft p50={r['ttft_p50_ms'] or 0:.1f} "
-                      f"p99={r['ttft_p99_ms'] or 0:.1f}ms rss={r['rss_peak_mb']:.0f}MB "
-                      f"load={r['load']:.2f} {r['errors'] or ''}", flush=True)
+                print(
+                    f"rep{rep} {phase:<10} {relay.name:<10} ok={r['ok']}/{m} "
+                    f"cpu={r['cpu_us_per_frame'] or 0:.1f}us/frame "
+                    f"({r['cpu_ms_per_request']:.2f}ms/req) ttft p50={r['ttft_p50_ms'] or 0:.1f} "
+                    f"p99={r['ttft_p99_ms'] or 0:.1f}ms rss={r['rss_peak_mb']:.0f}MB "
+                    f"load={r['load']:.2f} {r['errors'] or ''}",
+                    flush=True,
+                )
     if not args.quick and not args.no_hold:
         for relay in relays:
             await idle(args.base_port)
             await asyncio.sleep(2)
             r = await hold_test(relay, args.streams, 20.0, 90.0, 3.0)
             results["hold"].append(r)
-            print(f"hold {relay.name:<10} ok={r['ok']} stalled={r['stalled']} "
-                  f"errors={r['errors']} rss={r['rss_at_peak_mb']:.0f}MB "
-                  f"first p99={r['first_frame_p99_ms'] or 0:.0f}ms load={r['load']:.2f} "
-                  f"{r['error_kinds'] or ''}", flush=True)
+            print(
+                f"hold {relay.name:<10} ok={r['ok']} stalled={r['stalled']} "
+                f"errors={r['errors']} rss={r['rss_at_peak_mb']:.0f}MB "
+                f"first p99={r['first_frame_p99_ms'] or 0:.0f}ms load={r['load']:.2f} "
+                f"{r['error_kinds'] or ''}",
+                flush=True,
+            )
     return results
 
 
@@ -575,33 +722,65 @@ def table(results: dict[str, Any], names: list[str]) -> str:
         return f"({text})" if name == "direct" else text
 
     rows = [
-        ("paced c=64: relay CPU µs/frame", lambda n: cell("paced c=64", n, "cpu_us_per_frame",
-                                                         "{:.1f}")),
-        ("paced c=64: added TTFT p50 ms", lambda n: "–" if n == "direct" else _median_range(
-            added("paced c=64", n, "ttft_p50_ms"), "{:+.1f}")),
-        ("full c=1: relay CPU µs/frame", lambda n: cell("full c=1", n, "cpu_us_per_frame",
-                                                       "{:.1f}")),
-        ("full c=1: added TTFT p50 ms", lambda n: "–" if n == "direct" else _median_range(
-            added("full c=1", n, "ttft_p50_ms"), "{:+.2f}")),
-        ("full c=64: CPU µs/frame", lambda n: cell("full c=64", n, "cpu_us_per_frame",
-                                                  "{:.1f}")),
-        ("full c=64: TTFT p50 / p99 ms", lambda n: _median_range(
-            [r["ttft_p50_ms"] for r in runs("full c=64", n)], "{:.0f}") + " / " + _median_range(
-            [r["ttft_p99_ms"] for r in runs("full c=64", n)], "{:.0f}")),
-        ("fixed cost c=1: CPU ms/request", lambda n: cell("fixed c=1", n, "cpu_ms_per_request",
-                                                         "{:.2f}")),
+        (
+            "paced c=64: relay CPU µs/frame",
+            lambda n: cell("paced c=64", n, "cpu_us_per_frame", "{:.1f}"),
+        ),
+        (
+            "paced c=64: added TTFT p50 ms",
+            lambda n: (
+                "–"
+                if n == "direct"
+                else _median_range(added("paced c=64", n, "ttft_p50_ms"), "{:+.1f}")
+            ),
+        ),
+        (
+            "full c=1: relay CPU µs/frame",
+            lambda n: cell("full c=1", n, "cpu_us_per_frame", "{:.1f}"),
+        ),
+        (
+            "full c=1: added TTFT p50 ms",
+            lambda n: (
+                "–"
+                if n == "direct"
+                else _median_range(added("full c=1", n, "ttft_p50_ms"), "{:+.2f}")
+            ),
+        ),
+        ("full c=64: CPU µs/frame", lambda n: cell("full c=64", n, "cpu_us_per_frame", "{:.1f}")),
+        (
+            "full c=64: TTFT p50 / p99 ms",
+            lambda n: (
+                _median_range([r["ttft_p50_ms"] for r in runs("full c=64", n)], "{:.0f}")
+                + " / "
+                + _median_range([r["ttft_p99_ms"] for r in runs("full c=64", n)], "{:.0f}")
+            ),
+        ),
+        (
+            "fixed cost c=1: CPU ms/request",
+            lambda n: cell("fixed c=1", n, "cpu_ms_per_request", "{:.2f}"),
+        ),
     ]
     holds = {r["relay"]: r for r in results.get("hold", [])}
     if holds:
-        rows.append(("2,000 trickle streams: ok/stalled/err, RSS", lambda n: (
-            f"{holds[n]['ok']}/{holds[n]['stalled']}/{holds[n]['errors']}, "
-            f"{holds[n]['rss_at_peak_mb']:.0f} MB" if n in holds else "–")))
+        rows.append(
+            (
+                "2,000 trickle streams: ok/stalled/err, RSS",
+                lambda n: (
+                    f"{holds[n]['ok']}/{holds[n]['stalled']}/{holds[n]['errors']}, "
+                    f"{holds[n]['rss_at_peak_mb']:.0f} MB"
+                    if n in holds
+                    else "–"
+                ),
+            )
+        )
     loads = [r["load"] for r in load] + [r["load"] for r in results.get("hold", [])]
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(fn(n) for n in names) + " |" for label, fn in rows]
     if loads:
-        lines.append(f"\nmachine load (1-min average) during the tests: "
-                     f"{min(loads):.2f}–{max(loads):.2f} on {os.cpu_count()} cores")
+        lines.append(
+            f"\nmachine load (1-min average) during the tests: "
+            f"{min(loads):.2f}–{max(loads):.2f} on {os.cpu_count()} cores"
+        )
     return "\n".join(lines)
 
 
@@ -611,19 +790,26 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="direct,nginx,controller,openai,dbgpt,adapter",
-                        help="comma-separated relays (direct is always measured)")
+    parser.add_argument(
+        "--only",
+        default="direct,nginx,controller,openai,dbgpt,adapter",
+        help="comma-separated relays (direct is always measured)",
+    )
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repetition, fewer streams, no hold")
     parser.add_argument("--no-hold", action="store_true")
     parser.add_argument("--streams", type=int, default=2000, help="streams of the hold test")
     parser.add_argument("--deadline", type=float, default=150.0, help="limit per test (s)")
-    parser.add_argument("--baseline-adapter", type=Path,
-                        help="another fastchat-adapter program (e.g. main's venv) to measure "
-                        "side by side as adapter@base")
+    parser.add_argument(
+        "--baseline-adapter",
+        type=Path,
+        help="another fastchat-adapter program (e.g. main's venv) to measure "
+        "side by side as adapter@base",
+    )
     parser.add_argument("--base-port", type=int, default=29100)
-    parser.add_argument("--peers", type=Path,
-                        default=Path(os.environ.get("FCA_PEERS_DIR", ROOT / ".peers")))
+    parser.add_argument(
+        "--peers", type=Path, default=Path(os.environ.get("FCA_PEERS_DIR", ROOT / ".peers"))
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results")
     args = parser.parse_args()
     if args.quick:
@@ -634,8 +820,9 @@ def main() -> None:
     want = set(args.only.split(",")) | {"direct"}
     results: dict[str, Any] = {"started": time.strftime("%F %T"), "args": vars(args)}
     try:
-        relays = start_relays(procs, run, want, args.base_port, args.peers.resolve(),
-                              args.baseline_adapter)
+        relays = start_relays(
+            procs, run, want, args.base_port, args.peers.resolve(), args.baseline_adapter
+        )
         results["pids"] = {r.name: r.pids for r in relays}
         results.update(asyncio.run(run_all(args, relays)))
         results["table"] = table(results, [r.name for r in relays])

@@ -17,9 +17,10 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from protocol import dbgpt, fastchat
 from protocol.conversation import IMAGE_PLACEHOLDER, places_images, render_prompt
@@ -187,6 +188,35 @@ class GenerationPlan:
     params: GenerationParams
     echo_prompt: str | None = None
     reasoning: ReasoningRule | None = None
+
+
+TOKEN_BOUND_MARGIN: Final = 16
+"""Tokens a tokenizer may add to the prompt's own: BOS/EOS and other special tokens, and
+SentencePiece's dummy-prefix piece (a few in practice; 16 leaves room)."""
+
+
+def prompt_tokens_bound(prompt: str) -> int:
+    """An upper bound on ``/count_token``'s answer for ``prompt`` (§1.8), for byte-level BPE
+    and SentencePiece (byte fallback) tokenizers: every token covers at least one UTF-8 byte
+    of the text it is made of, plus the special tokens they add. SentencePiece may first
+    normalise (NFKC can expand a character: U+FDFA is 3 bytes, 33 after NFKC), so the larger
+    of the two byte lengths counts. MLX's worker counts characters (fewer than bytes) and
+    the HF-API worker answers 0: both stay under the bound too. Checked against the interop
+    model's tokenizer by ``tests/interop/test_token_bound.py``."""
+    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if not prompt.isascii():
+        size = max(
+            size, len(unicodedata.normalize("NFKC", prompt).encode("utf-8", "surrogatepass"))
+        )
+    return size + TOKEN_BOUND_MARGIN
+
+
+def count_can_matter(request: PromptRequest, prompt: str, context_length: int) -> bool:
+    """Whether the exact prompt token count can change the plan (``plan_generation``): only
+    when ``max_new_tokens`` is missing (the budget is sent) or the bound on the prompt plus
+    the requested tokens may not fit the context (the clamp may bind, or overflow)."""
+    requested = request.max_new_tokens
+    return requested is None or prompt_tokens_bound(prompt) + requested + 1 > context_length
 
 
 def plan_generation(

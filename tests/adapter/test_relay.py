@@ -99,7 +99,7 @@ async def test_exact_downstream_bytes(fake_worker: StartFake) -> None:
     )
 
 
-async def test_steady_state_costs_one_count_token_and_one_generate(
+async def test_steady_state_costs_one_generate_when_the_clamp_cannot_bind(
     fake_worker: StartFake,
 ) -> None:
     fake = fake_worker()
@@ -109,11 +109,40 @@ async def test_steady_state_costs_one_count_token_and_one_generate(
         await stream(adapter.client, chat("Again", max_new_tokens=2))
         await stream(adapter.client, chat("More", max_new_tokens=2))
         later = upstream_paths(fake.requests)[len(first) :]
-    assert sorted(first) == sorted(
-        ["/worker_get_conv_template", "/model_details", "/count_token", UPSTREAM_STREAM]
-    )
-    assert later == ["/count_token", UPSTREAM_STREAM] * 2
+    assert sorted(first) == sorted(["/worker_get_conv_template", "/model_details", UPSTREAM_STREAM])
+    assert later == [UPSTREAM_STREAM] * 2
     assert fake.disconnects == 0  # every exchange read to its end
+
+
+async def test_always_count_tokens_asks_count_token_for_every_request(
+    fake_worker: StartFake,
+) -> None:
+    fake = fake_worker()
+    async with serving(settings_for(fake.url, always_count_tokens=True)) as adapter:
+        await stream(adapter.client, chat(max_new_tokens=2))
+        first = upstream_paths(fake.requests)
+        await stream(adapter.client, chat("Again", max_new_tokens=2))
+        later = upstream_paths(fake.requests)[len(first) :]
+    assert "/count_token" in first
+    assert later == ["/count_token", UPSTREAM_STREAM]
+
+
+@pytest.mark.parametrize("max_new_tokens", [None, 60], ids=["no_max_new_tokens", "may_bind"])
+async def test_the_exact_count_is_asked_when_it_can_change_max_new_tokens(
+    fake_worker: StartFake, max_new_tokens: int | None
+) -> None:
+    # 64 tokens of context: the bound on "word " * 4 (its bytes plus a margin) plus 60 tokens
+    # does not fit, so the count decides; the clamp binds: min(60, 64 - count - 1).
+    fake = fake_worker(ReferenceWorkerConfig(context_length=64))
+    prompt_text = "word " * 4
+    async with serving(settings_for(fake.url)) as adapter:
+        status, frames = await stream(
+            adapter.client, chat(prompt_text, max_new_tokens=max_new_tokens)
+        )
+    assert status == 200 and frames[-1]["error_code"] == 0
+    assert upstream_paths(fake.requests)[-2:] == ["/count_token", UPSTREAM_STREAM]
+    tokens = fake.model.count_tokens(vicuna_prompt(prompt_text))
+    assert fake.bodies(UPSTREAM_STREAM)[-1]["max_new_tokens"] == 64 - tokens - 1
 
 
 # --- refused before generating -------------------------------------------------------

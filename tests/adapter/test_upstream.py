@@ -203,7 +203,8 @@ async def test_a_worker_hanging_on_count_token_times_out_after_the_idle_timeout(
     # template is cached: the idle timeout bounds that silence too, not a fixed 30 s (nor the
     # 20 s hang, which would then let the request succeed). Found in review.
     fake = fake_worker()
-    async with serving(settings_for(fake.url, idle_timeout=0.5)) as adapter:
+    settings = settings_for(fake.url, idle_timeout=0.5, always_count_tokens=True)
+    async with serving(settings) as adapter:
         await stream(adapter.client, chat(max_new_tokens=2))  # template and details cached
         fake.fail_next(Hang(20.0, after_chunks=None), path="/count_token")
         status, frames = await within(
