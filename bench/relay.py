@@ -655,6 +655,7 @@ async def run_all(args: argparse.Namespace, relays: list[Relay]) -> dict[str, An
     ]
     if args.quick:
         phases = [(n, f, d, max(c, m // 4), c) for n, f, d, m, c in phases]
+    phases = [p for p in phases if p[0].split()[0] in args.phases]
     for relay in relays:  # smoke + warm caches (templates, pools, the fake's frames)
         for frames, delay in ((20, 0.0), (1000, 0.0), (1, 0.0), (200, 0.02)):
             s = await one_stream(relay.url, relay.body(frames, delay), relay.sse, 60)
@@ -676,7 +677,7 @@ async def run_all(args: argparse.Namespace, relays: list[Relay]) -> dict[str, An
                     f"load={r['load']:.2f} {r['errors'] or ''}",
                     flush=True,
                 )
-    if not args.quick and not args.no_hold:
+    if not args.quick and not args.no_hold and "hold" in args.phases:
         for relay in relays:
             await idle(args.base_port)
             await asyncio.sleep(2)
@@ -798,6 +799,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 repetition, fewer streams, no hold")
     parser.add_argument("--no-hold", action="store_true")
+    parser.add_argument(
+        "--phases",
+        default="full,fixed,paced,hold",
+        help="comma-separated subset of full,fixed,paced,hold",
+    )
     parser.add_argument("--streams", type=int, default=2000, help="streams of the hold test")
     parser.add_argument("--deadline", type=float, default=150.0, help="limit per test (s)")
     parser.add_argument(
@@ -814,6 +820,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.reps = 1
+    args.phases = set(args.phases.split(","))
     run = args.out / time.strftime("%Y%m%d-%H%M%S")
     run.mkdir(parents=True, exist_ok=True)
     procs = Processes(run)

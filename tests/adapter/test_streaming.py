@@ -91,6 +91,21 @@ async def test_each_upstream_frame_is_relayed_at_once(
     assert frames[-1]["finish_reason"] == "length"
 
 
+async def test_concurrent_slow_streams_each_get_their_keepalives(fake_worker: StartFake) -> None:
+    # One timer serves every open stream (streaming._KeepaliveClock): each still gets its own.
+    fake = fake_worker(ReferenceWorkerConfig(first_token_delay=0.6))
+    interval = 0.1
+    async with serving(settings_for(fake.url, keepalive_interval=interval)) as adapter:
+        both = await asyncio.gather(
+            *(timed_pieces(adapter.client, chat(max_new_tokens=2)) for _ in range(2))
+        )
+    for pieces in both:
+        first_frame = next(i for i, (_, piece) in enumerate(pieces) if piece)
+        assert first_frame >= 3, pieces  # keep-alives (b"") before the first token
+        frames = split(b"".join(piece + b"\0" for _, piece in pieces))[0]
+        assert frames[-1]["finish_reason"] == "length"
+
+
 async def test_keepalive_frames_while_the_first_token_is_slow(fake_worker: StartFake) -> None:
     fake = fake_worker(ReferenceWorkerConfig(first_token_delay=0.6))
     interval = 0.1
