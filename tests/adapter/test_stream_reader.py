@@ -135,11 +135,10 @@ async def test_a_closed_port_is_unreachable() -> None:
 
 async def test_the_client_reports_a_status_with_the_start_of_the_body() -> None:
     script = [b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy"]
-    async with scripted(script) as (url, _):
-        async with make_http_client(2.0) as http:
-            client = FastChatClient(http, idle_timeout=2.0)
-            params = GenerationParams(model="m", prompt="hi", max_new_tokens=4)
-            with pytest.raises(UpstreamError) as failure:
-                async with client.generate_stream(url, params):
-                    pass
+    async with scripted(script) as (url, _), make_http_client(2.0) as http:
+        client = FastChatClient(http, idle_timeout=2.0)
+        params = GenerationParams(model="m", prompt="hi", max_new_tokens=4)
+        with pytest.raises(UpstreamError) as failure:
+            async with client.generate_stream(url, params):
+                pass
     assert failure.value.reason == "http_status" and "HTTP 503: busy" in str(failure.value)
