@@ -368,6 +368,31 @@ def check_chat_parity(rig: Rig, http: httpx.Client, case: Case, *, stream: bool)
         assert fastchat.finish_reason == "length"
 
 
+@pytest.mark.deadline(120)
+def test_s02_count_token_is_asked_when_the_clamp_binds(rig: Rig, http: httpx.Client) -> None:
+    """The adapter skips /count_token only when the count cannot change max_new_tokens
+    (protocol.translate.prompt_tokens_bound): the cases above, whose bodies match FastChat's.
+    With a prompt that leaves less room than max_tokens, it asks the real worker and clamps:
+    FastChat sends context - count, the adapter one token less (docs/protocol.md §3.5)."""
+    case = Case("clamped", [_user("Permission is hereby granted, free of charge, " * 150)], 900)
+    mark_fastchat = rig.fastchat_proxy.mark()
+    fastchat = post_openai(http, rig.fastchat_chat, _body(rig, case, [], stream=True))
+    fastchat_body = _one_body(rig.fastchat_proxy, mark_fastchat)
+    mark_adapter = rig.adapter_proxy.mark()
+    dbgpt = post_openai(http, rig.dbgpt_chat, _body(rig, case, [], stream=True))
+    adapter_body = _one_body(rig.adapter_proxy, mark_adapter)
+    assert not fastchat.errors and not dbgpt.errors, (fastchat, dbgpt)
+    assert [r.path for r in rig.adapter_proxy.since(mark_adapter, "/count_token")]
+    count = http.post(
+        rig.worker.url + "/count_token",
+        json={"model": rig.model, "prompt": adapter_body["prompt"]},
+        timeout=30,
+    ).json()["count"]
+    assert fastchat_body["prompt"] == adapter_body["prompt"]
+    assert fastchat_body["max_new_tokens"] == 2048 - count < case.max_tokens  # it binds
+    assert adapter_body["max_new_tokens"] == 2048 - count - 1
+
+
 # --- 3. completions parity ---------------------------------------------------------------------
 
 PROMPTS = [
