@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 __all__ = ["StreamFailure", "open_stream"]
 
 MAX_HEAD: Final = 64 * 1024
-READ_SIZE: Final = 256 * 1024
+READ_SIZE: Final = 64 * 1024
 
 
 class StreamFailure(Exception):
@@ -47,15 +47,45 @@ class UpstreamStream:
         self._length: int | None = None  # Content-Length, when the body is not chunked
         self._chunked = False
         self._buffer = bytearray()
+        # The idle timeout: one timer per stream that fires at most once per idle_timeout and
+        # cancels a read that has waited that long (a timeout context per read costs a timer
+        # each time, for every frame).
+        self._loop = asyncio.get_running_loop()
+        self._reading: asyncio.Task[Any] | None = None
+        self._read_since = 0.0
+        self._timed_out = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def _read(self) -> bytes:
+        self._reading = asyncio.current_task()
+        self._read_since = self._loop.time()
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_later(self._idle, self._check_idle)
         try:
-            async with asyncio.timeout(self._idle):
-                return await self._reader.read(READ_SIZE)
-        except TimeoutError:
+            return await self._reader.read(READ_SIZE)
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            self._timed_out = False
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
             raise StreamFailure("idle_timeout", f"no data for {self._idle:g} s") from None
         except OSError as exc:
             raise StreamFailure("broken_stream", str(exc) or type(exc).__name__) from exc
+        finally:
+            self._reading = None
+
+    def _check_idle(self) -> None:
+        self._watchdog = None
+        if self._reading is None:
+            return  # not reading: the next read re-arms the timer
+        waited = self._loop.time() - self._read_since
+        if waited >= self._idle:
+            self._timed_out = True
+            self._reading.cancel()
+        else:
+            self._watchdog = self._loop.call_later(self._idle - waited, self._check_idle)
 
     async def _head(self) -> None:
         while (end := self._buffer.find(b"\r\n\r\n")) < 0:
@@ -138,6 +168,9 @@ class UpstreamStream:
             yield data
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self._writer.close()  # not awaited: the transport closes in the background
 
 

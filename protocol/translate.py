@@ -407,15 +407,16 @@ def _output(
 
 
 def _usage(usage: ChunkUsage | None) -> dbgpt.Usage | None:
-    if usage is None or usage == _NO_USAGE:  # MLX ends with "usage": {}
+    if usage is None or (  # MLX ends with "usage": {}; compared by field: cheaper per frame
+        usage.prompt_tokens is None
+        and usage.completion_tokens is None
+        and usage.total_tokens is None
+    ):
         return None
     prompt = usage.prompt_tokens or 0
     completion = usage.completion_tokens or 0
     total = prompt + completion if usage.total_tokens is None else usage.total_tokens
     return dbgpt.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
-
-
-_NO_USAGE = ChunkUsage()
 
 
 def _unchanged(previous: str, text: str) -> bool:
