@@ -568,6 +568,8 @@ def start_relays(
         dbgpt = None
         for venv in sorted(peers.glob("dbgpt-*")):
             candidate = venv / "bin/dbgpt"
+            if not candidate.exists():
+                continue
             version = subprocess.run(
                 [venv / "bin/python", "-c", "import dbgpt;print(dbgpt.__version__)"],
                 capture_output=True,
