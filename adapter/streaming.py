@@ -89,10 +89,15 @@ class Downstream:
             await self._send({"type": "http.response.body", "body": frame, "more_body": True})
         self.last_sent = self._loop.time()
 
-    def keepalive(self) -> None:
-        """Send a keep-alive now, unless a send is under way (the client is not idle then)."""
+    def keepalive(self, interval: float) -> None:
+        """Send a keep-alive soon, unless a send is under way (the client is not idle then)."""
         if not self._lock.locked() and (self._keepalive is None or self._keepalive.done()):
-            self._keepalive = asyncio.ensure_future(self.emit(KEEPALIVE))
+            self._keepalive = asyncio.ensure_future(self._keepalive_if_idle(interval))
+
+    async def _keepalive_if_idle(self, interval: float) -> None:
+        # Checked again when the task runs: a frame may have gone out in between.
+        if not self._lock.locked() and self._loop.time() - self.last_sent >= interval:
+            await self.emit(KEEPALIVE)
 
     async def close(self) -> None:
         if self._keepalive is not None:
@@ -137,7 +142,7 @@ class _KeepaliveClock:
         now = self._loop.time()
         for stream in self._streams:
             if now - stream.last_sent >= self._interval:
-                stream.keepalive()
+                stream.keepalive(self._interval)
         self._timer = self._loop.call_later(self._interval / 2, self._tick)
 
 
