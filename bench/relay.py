@@ -313,14 +313,8 @@ async def hold_test(
 ) -> dict[str, Any]:
     body = relay.body(30, 1.0)
     watch = Watch(relay.pids)
-    rss_at_peak = 0.0
     open_now = 0
     peak = 0
-
-    def on_frame(_s: Stream) -> None:
-        nonlocal rss_at_peak
-        if open_now >= peak and not rss_at_peak:
-            rss_at_peak = rss_kb(watch.pids) / 1024
 
     async def one(i: int) -> Stream:
         nonlocal open_now, peak
@@ -328,7 +322,7 @@ async def hold_test(
         open_now += 1
         peak = max(peak, open_now)
         try:
-            return await one_stream(relay.url, body, relay.sse, limit, on_frame)
+            return await one_stream(relay.url, body, relay.sse, limit)
         finally:
             open_now -= 1
 
@@ -349,7 +343,7 @@ async def hold_test(
         "errors": len(errors),
         "error_kinds": sorted({s.error or "" for s in errors})[:5],
         "first_frame_p99_ms": pct(first, 99),
-        "rss_at_peak_mb": rss_at_peak,
+        "peak_open": peak,
         **usage,
     }
 
@@ -687,7 +681,7 @@ async def run_all(args: argparse.Namespace, relays: list[Relay]) -> dict[str, An
             results["hold"].append(r)
             print(
                 f"hold {relay.name:<10} ok={r['ok']} stalled={r['stalled']} "
-                f"errors={r['errors']} rss={r['rss_at_peak_mb']:.0f}MB "
+                f"errors={r['errors']} rss={r['rss_peak_mb']:.0f}MB "
                 f"first p99={r['first_frame_p99_ms'] or 0:.0f}ms load={r['load']:.2f} "
                 f"{r['error_kinds'] or ''}",
                 flush=True,
@@ -770,7 +764,7 @@ def table(results: dict[str, Any], names: list[str]) -> str:
                 "2,000 trickle streams: ok/stalled/err, RSS",
                 lambda n: (
                     f"{holds[n]['ok']}/{holds[n]['stalled']}/{holds[n]['errors']}, "
-                    f"{holds[n]['rss_at_peak_mb']:.0f} MB"
+                    f"{holds[n]['rss_peak_mb']:.0f} MB"
                     if n in holds
                     else "–"
                 ),
