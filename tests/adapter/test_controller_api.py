@@ -11,22 +11,11 @@ import httpx
 import pytest
 
 from protocol.dbgpt import ModelInstance
-from tests.adapter.helpers import serving, settings_for
+from tests.adapter.helpers import instance_body, serving, settings_for
 from tests.support.fake_controller import FakeController
 from tests.support.fake_worker import FakeWorker
 
-CAP_BODY = {
-    "model_name": "cap@llm",
-    "host": "127.0.0.1",
-    "port": 25033,
-    "weight": 1.0,
-    "check_healthy": True,
-    "healthy": False,
-    "enabled": True,
-    "prompt_template": None,
-    "last_heartbeat": None,
-    "remove_from_registry": False,
-}
+CAP_BODY = instance_body("cap@llm", 25033)
 # What DB-GPT's own ModelRegistryClient sends to deregister (§5.5): every field, no body.
 CLIENT_DELETE_QUERY = (
     "model_name=cap%40llm&host=127.0.0.1&port=25033&weight=1.0&check_healthy=true&healthy=false"
