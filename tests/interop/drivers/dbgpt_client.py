@@ -12,6 +12,8 @@ stdin (JSON):
         "messages": [{"role": "system"|"human"|"ai", "content": "..."}],
         "params": {"temperature": 1e-6, "max_new_tokens": 16, "stop": ["###"]}},
        {"op": "generate_stream", ...same keys as generate...}]}
+A message's "content" may also be a list of DB-GPT media parts, as its webserver, AWEL flows and
+agents build them: [{"type": "text"|"image", "object": {"data": ..., "format": ...}}].
 
 stdout (JSON): {"results": [{"op": ..., "ok": true, "value": ...} |
                              {"op": ..., "ok": false, "error": "<Type>: <message>"}]}
@@ -35,6 +37,7 @@ REAL_STDOUT = sys.stdout
 sys.stdout = sys.stderr
 
 from dbgpt.core import ModelMessage, ModelRequest  # noqa: E402
+from dbgpt.core.interface.media import MediaContent  # noqa: E402
 from dbgpt.model.cluster.client import RemoteLLMClient  # noqa: E402
 
 
@@ -53,8 +56,15 @@ def _output(out: Any) -> dict[str, Any]:
 
 
 def _request(op: dict[str, Any], stream: bool) -> ModelRequest:
-    messages = [ModelMessage(role=m["role"], content=m["content"]) for m in op["messages"]]
+    messages = [
+        ModelMessage(role=m["role"], content=_content(m["content"])) for m in op["messages"]
+    ]
     return ModelRequest.build_request(op["model"], messages, stream=stream, **op.get("params", {}))
+
+
+def _content(content: Any) -> Any:
+    """A string as it is; a list of media-part dicts as DB-GPT's own MediaContent objects."""
+    return MediaContent.parse_content(content) if isinstance(content, list) else content
 
 
 def _jsonable(obj: Any) -> Any:
