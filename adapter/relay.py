@@ -47,7 +47,6 @@ from adapter.tracking import Outcome, Tracker
 from protocol.dbgpt import ModelOutput, PromptRequest
 from protocol.errors import ContextOverflow, InvalidRequest, ProtocolError
 from protocol.fastchat import ErrorCode
-from protocol.framing import encode_frame
 from protocol.translate import (
     GenerationPlan,
     StreamTranslator,
@@ -72,7 +71,7 @@ DRAIN_TIMEOUT: Final = 2.0
 
 
 def frame(output: ModelOutput) -> bytes:
-    return encode_frame(output.to_wire())
+    return output.to_frame()
 
 
 @dataclass(frozen=True)

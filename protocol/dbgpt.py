@@ -13,12 +13,14 @@ Two rules shape this module:
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any, Literal
+from json.encoder import encode_basestring
+from typing import Any, Final, Literal
 
 from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
 from protocol._wire import WireModel
 from protocol.errors import InvalidMessage, InvalidRequest
+from protocol.framing import encode_frame
 
 __all__ = [
     "CountTokenRequest",
@@ -272,6 +274,63 @@ class ModelOutput(_Reply):
         text = wire.pop("text")
         parts = [_media_part("thinking", self.thinking), _media_part("text", text)]
         return {"content": parts, **wire}
+
+    def to_frame(self) -> bytes:
+        """This output as one stream frame: exactly ``encode_frame(self.to_wire())``, in a
+        fraction of its time (the relay sends one per upstream chunk, issue 14). The frames
+        relayed by the thousand (text or content form, any finish reason, usage or not, no
+        ``model_context`` or ``metrics``) are written from a fixed template, their strings
+        escaped by the very function ``json`` escapes them with; anything else, and a text
+        without a UTF-8 form (a lone surrogate: ``encode_frame`` falls back to ASCII escapes),
+        takes the generic path."""
+        text, thinking, code, reason = self.text, self.thinking, self.error_code, self.finish_reason
+        usage = self.usage
+        finish = _FINISH_JSON.get(reason) if reason is None or type(reason) is str else None
+        if (
+            finish is None
+            or type(text) is not str
+            or type(code) is not int
+            or self.model_context is not None
+            or self.metrics is not None
+        ):
+            return encode_frame(self.to_wire())
+        if thinking is None:
+            start = '{"text":' + encode_basestring(text)
+        elif type(thinking) is str:
+            start = _CONTENT_START % (encode_basestring(thinking), encode_basestring(text))
+        else:
+            return encode_frame(self.to_wire())
+        if usage is None:
+            frame = _FRAME_WITHOUT_USAGE % (start, code, finish)
+        else:
+            prompt, completion, total = (
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.total_tokens,
+            )
+            if type(prompt) is not int or type(completion) is not int or type(total) is not int:
+                return encode_frame(self.to_wire())
+            frame = _FRAME_WITH_USAGE % (start, code, finish, prompt, completion, total)
+        try:
+            return frame.encode("utf-8")
+        except UnicodeEncodeError:
+            return encode_frame(self.to_wire())
+
+
+# ModelOutput.to_frame's templates: JSON as encode_frame writes it (compact, keys in to_wire's
+# order), the text (or content) first, the NUL terminator included.
+_FINISH_JSON: Final = {None: "null", "stop": '"stop"', "length": '"length"'}
+_CONTENT_START: Final = (
+    '{"content":[{"object":{"data":%s,"format":"text"},"type":"thinking"},'
+    '{"object":{"data":%s,"format":"text"},"type":"text"}]'
+)
+_FRAME_WITHOUT_USAGE: Final = (
+    '%s,"error_code":%d,"model_context":null,"finish_reason":%s,"usage":null,"metrics":null}\0'
+)
+_FRAME_WITH_USAGE: Final = (
+    '%s,"error_code":%d,"model_context":null,"finish_reason":%s,"usage":{"prompt_tokens":%d,'
+    '"completion_tokens":%d,"total_tokens":%d},"metrics":null}\0'
+)
 
 
 def _media_part(kind: str, data: str) -> dict[str, Any]:

@@ -331,7 +331,8 @@ class StreamTranslator:
     ) -> None:
         self._prefix = echo_prompt or ""
         self._context = None if echo_prompt is None else _echo_context(echo_prompt)
-        self._reasoning = ReasoningParser(reasoning)
+        # None without a rule: the text passes through, without the parser's Split per frame.
+        self._reasoning = None if reasoning is None else ReasoningParser(reasoning)
         self._text: str | None = None  # upstream text of the last chunk
         self._ended = False
 
@@ -343,16 +344,20 @@ class StreamTranslator:
     def translate(self, chunk: dict[str, Any]) -> ModelOutput | None:
         if self._ended:
             return None
-        parsed = Chunk.from_wire(chunk)
-        if parsed.error_code != 0:
-            self._ended = True
-            return error_output(parsed.error_code, parsed.text)
-        output = _output(parsed, self._prefix, self._context, self._reasoning)
+        fields = _plain_fields(chunk)
+        if fields is None:
+            parsed = Chunk.from_wire(chunk)
+            if parsed.error_code != 0:
+                self._ended = True
+                return error_output(parsed.error_code, parsed.text)
+            fields = parsed.text, parsed.finish_reason, _usage(parsed.usage)
+        text, finish_reason, usage = fields
+        output = _output(text, finish_reason, usage, self._prefix, self._context, self._reasoning)
         if output.finish_reason is not None:
             self._ended = True
-            if output.usage is not None and _unchanged(self._text or "", parsed.text):
+            if output.usage is not None and _unchanged(self._text or "", text):
                 output = output.model_copy(update={"usage": None})
-        self._text = parsed.text
+        self._text = text
         return output
 
     def finish(self) -> ModelOutput | None:
@@ -367,14 +372,7 @@ class StreamTranslator:
             return error_output(
                 ErrorCode.INTERNAL_ERROR, "the FastChat worker's stream ended without any output"
             )
-        split = self._reasoning.feed(self._text)
-        return ModelOutput(
-            text=self._prefix + split.answer,
-            error_code=0,
-            model_context=self._context,
-            finish_reason="stop",
-            thinking=split.thinking,
-        )
+        return _output(self._text, "stop", None, self._prefix, self._context, self._reasoning)
 
 
 def translate_reply(
@@ -389,24 +387,71 @@ def translate_reply(
     if parsed.error_code != 0:
         return error_output(parsed.error_code, parsed.text)
     context = None if echo_prompt is None else _echo_context(echo_prompt)
-    return _output(parsed, echo_prompt or "", context, ReasoningParser(reasoning))
+    usage = _usage(parsed.usage)
+    parser = None if reasoning is None else ReasoningParser(reasoning)
+    return _output(parsed.text, parsed.finish_reason, usage, echo_prompt or "", context, parser)
+
+
+RawFinishReason = str | list[str | None] | None
+ChunkFields = tuple[str, RawFinishReason, dict[str, Any] | None]
+"""A chunk's text, raw finish reason and usage (the three token counts, extra keys ignored)."""
+
+
+def _plain_fields(chunk: object) -> ChunkFields | None:
+    """The fields of a chunk in the shape nearly every one has, read without building a
+    ``Chunk`` (the relay translates one per upstream frame, issue 14): a dict with a ``str``
+    text, ``error_code`` 0 or absent, ``finish_reason`` absent, null or a ``str``, ``usage``
+    absent, null or holding all three token counts as ints. Exact types only, so these are the
+    very values ``Chunk.from_wire`` would give; None for anything else (bools or floats where
+    ints belong, partial usage, lists, error chunks…), which goes through ``Chunk.from_wire``
+    and keeps its coercions and its errors."""
+    if type(chunk) is not dict:
+        return None
+    text, code = chunk.get("text"), chunk.get("error_code", 0)
+    finish_reason, usage = chunk.get("finish_reason"), chunk.get("usage")
+    if (
+        type(text) is not str
+        or type(code) is not int
+        or code != 0
+        or not (finish_reason is None or type(finish_reason) is str)
+    ):
+        return None
+    if usage is None or (
+        type(usage) is dict
+        and type(usage.get("prompt_tokens")) is int
+        and type(usage.get("completion_tokens")) is int
+        and type(usage.get("total_tokens")) is int
+    ):
+        return text, finish_reason, usage
+    return None
 
 
 def _output(
-    chunk: Chunk, prefix: str, context: dict[str, Any] | None, reasoning: ReasoningParser
+    text: str,
+    finish_reason: RawFinishReason,
+    usage: dict[str, Any] | None,
+    prefix: str,
+    context: dict[str, Any] | None,
+    reasoning: ReasoningParser | None,
 ) -> ModelOutput:
-    split = reasoning.feed(chunk.text)
-    return ModelOutput(
-        text=prefix + split.answer,
-        error_code=0,
-        model_context=context,
-        finish_reason=normalize_finish_reason(chunk.finish_reason),
-        usage=_usage(chunk.usage),
-        thinking=split.thinking,
+    if reasoning is None:
+        thinking, answer = None, text
+    else:
+        split = reasoning.feed(text)
+        thinking, answer = split.thinking, split.answer
+    return ModelOutput.from_values(
+        {
+            "text": prefix + answer,
+            "error_code": 0,
+            "model_context": context,
+            "finish_reason": normalize_finish_reason(finish_reason),
+            "usage": usage,
+            "thinking": thinking,
+        }
     )
 
 
-def _usage(usage: ChunkUsage | None) -> dbgpt.Usage | None:
+def _usage(usage: ChunkUsage | None) -> dict[str, int] | None:
     if usage is None or (  # MLX ends with "usage": {}; compared by field: cheaper per frame
         usage.prompt_tokens is None
         and usage.completion_tokens is None
@@ -416,7 +461,7 @@ def _usage(usage: ChunkUsage | None) -> dbgpt.Usage | None:
     prompt = usage.prompt_tokens or 0
     completion = usage.completion_tokens or 0
     total = prompt + completion if usage.total_tokens is None else usage.total_tokens
-    return dbgpt.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
 
 
 def _unchanged(previous: str, text: str) -> bool:

@@ -1,4 +1,5 @@
-"""Test data for prompt rendering: the golden files in tests/protocol/golden/, and templates.
+"""Test data for prompt rendering: the golden files in tests/protocol/golden/, and templates;
+and ``wire_text``, the strings the fast frame paths are checked with.
 
 The golden files are gzip-compressed JSON Lines, read from the repository (no outside folder, no
 environment variable). Each line is a conversation and the prompt FastChat's own
@@ -14,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hypothesis import strategies as st
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 
@@ -123,3 +126,32 @@ def make_conv(
         conv["system_message_vision"] = ""
         conv["max_image_size_mb"] = None
     return conv
+
+
+# Characters JSON escapes or that have no UTF-8 form, and pieces streams are full of.
+AWKWARD_PIECES = (
+    "\ufffd",  # what a worker sends for a partial UTF-8 sequence (§1.3)
+    "\ud83d",  # lone surrogates: no UTF-8 form, so the frame falls back to ASCII escapes
+    "\udc00",
+    "\x00",
+    "\x1f",
+    "\x7f",
+    "\n",
+    "\t",
+    '"',
+    "\\",
+    "/",
+    "\u2028",
+    "😀",
+    "中",
+    "é",
+    "<think>",
+    "</think>",
+)
+
+
+def wire_text() -> st.SearchStrategy[str]:
+    """Text as a worker may stream it: any code point, lone surrogates included, with the awkward
+    ones above often."""
+    piece = st.one_of(st.sampled_from(AWKWARD_PIECES), st.characters(exclude_categories=()))
+    return st.lists(piece, max_size=30).map("".join)

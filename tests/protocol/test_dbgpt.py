@@ -6,7 +6,10 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import protocol.dbgpt
 from protocol.dbgpt import (
     CountTokenRequest,
     EmbeddingsRequest,
@@ -26,6 +29,8 @@ from protocol.dbgpt import (
     worker_key,
 )
 from protocol.errors import InvalidMessage, InvalidReply, InvalidRequest
+from protocol.framing import encode_frame
+from tests.protocol.helpers import wire_text
 
 # §5.5: what DB-GPT's own registry client sends to register and to heartbeat.
 INSTANCE_5_5 = json.loads(
@@ -370,3 +375,68 @@ def test_worker_apply_output() -> None:
 def test_usage_exact_keys() -> None:
     usage = Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3)
     assert usage.to_wire() == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+
+
+# --- ModelOutput.to_frame: the relay's per-frame encoding (issue 14) ----------------------
+
+COUNTS = st.integers(min_value=-(2**70), max_value=2**70)
+USAGES = st.none() | st.builds(
+    Usage, prompt_tokens=COUNTS, completion_tokens=COUNTS, total_tokens=COUNTS
+)
+EXTRAS = st.dictionaries(
+    st.text(max_size=4), st.integers() | st.booleans() | wire_text(), max_size=3
+)
+
+
+def outputs(*, common: bool) -> st.SearchStrategy[ModelOutput]:
+    """ModelOutputs of every shape, or (``common``) of the shape relayed frames have: no
+    model_context or metrics, and text with a UTF-8 form."""
+    text = wire_text().filter(_has_utf8) if common else wire_text()
+    return st.builds(
+        ModelOutput,
+        text=text,
+        error_code=st.sampled_from([0, 0, 1, 50001, -1, 2**70]),
+        model_context=st.none() if common else st.none() | EXTRAS,
+        finish_reason=st.sampled_from([None, "stop", "length"]),
+        usage=USAGES,
+        metrics=st.none() if common else st.none() | EXTRAS,
+        thinking=st.none() | text,
+    )
+
+
+def _has_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@settings(max_examples=400)
+@given(outputs(common=False))
+def test_to_frame_is_the_generic_encoding_byte_for_byte(output: ModelOutput) -> None:
+    assert output.to_frame() == encode_frame(output.to_wire())
+
+
+@settings(max_examples=200)
+@given(outputs(common=True))
+def test_to_frame_writes_common_frames_itself(output: ModelOutput) -> None:
+    expected = encode_frame(output.to_wire())
+
+    def generic(obj: dict[str, Any]) -> bytes:
+        raise AssertionError(f"a common frame took the generic path: {obj}")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(protocol.dbgpt, "encode_frame", generic)
+        assert output.to_frame() == expected
+
+
+@pytest.mark.parametrize("text", ["\ud83d", "a\udc00b", "é\ud800"])
+@pytest.mark.parametrize("thinking", [None, "ok", "\udfff"])
+def test_to_frame_of_lone_surrogates_falls_back_to_ascii_escapes(
+    text: str, thinking: str | None
+) -> None:
+    output = ModelOutput(text=text, error_code=0, thinking=thinking)
+    frame = output.to_frame()
+    assert frame == encode_frame(output.to_wire())
+    assert frame.isascii() and b"\\ud" in frame.lower()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import protocol.translate
 from protocol.dbgpt import EmbeddingsRequest, ModelMessage, PromptRequest
 from protocol.errors import (
     ContextOverflow,
@@ -16,8 +20,9 @@ from protocol.errors import (
     ProtocolError,
     WorkerError,
 )
-from protocol.fastchat import ConvTemplate, ErrorCode
+from protocol.fastchat import Chunk, ConvTemplate, ErrorCode
 from protocol.framing import FrameDecoder, encode_frame
+from protocol.reasoning import ReasoningRule
 from protocol.translate import (
     StreamTranslator,
     build_prompt,
@@ -32,7 +37,7 @@ from protocol.translate import (
     request_images,
     translate_reply,
 )
-from tests.protocol.helpers import GOLDEN_FILES, GoldenCase, golden_cases
+from tests.protocol.helpers import GOLDEN_FILES, GoldenCase, golden_cases, wire_text
 from tests.protocol.test_dbgpt import CHAT_8_2, COMPLETION_8_3
 from tests.protocol.test_fastchat import ERROR_CHUNK, STREAM_CHUNKS
 
@@ -539,3 +544,125 @@ def test_image_placeholders_only_where_fastchat_0_2_36_puts_them() -> None:
     assert "$$<image>$$" not in build_prompt(request, vicuna)
     plain = template("zero_shot")  # ADD_COLON_SINGLE: 0.2.36 marks no images there
     assert "$$<image>$$" not in build_prompt(request, plain, with_images=True)
+
+
+# --- the per-frame fast path (issue 14): same frames as Chunk.from_wire's ------------------
+
+
+class GenericChunk(dict[str, Any]):
+    """A chunk the translator's fast path never takes (it wants an exact dict): it goes through
+    ``Chunk.from_wire`` and the generic encoder, the path every chunk took before issue 14."""
+
+
+ALMOST_INTS = st.sampled_from([True, False, 3.0, 2.5, "7", None, -1, 2**70])
+COUNT = st.integers(min_value=0, max_value=2**40) | ALMOST_INTS
+USAGE = st.none() | st.dictionaries(
+    st.sampled_from(["prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens"]), COUNT
+)
+CHUNK = st.fixed_dictionaries(
+    {"text": wire_text() | wire_text() | st.sampled_from([None, 7, b"x", ["a"]])},
+    optional={
+        "error_code": st.sampled_from([0, 0, 0, 1, 50001, True, False, 0.0, "0", None]),
+        "usage": USAGE | USAGE.filter(lambda u: u is not None and len(u) >= 3) | st.just({}),
+        "finish_reason": st.sampled_from(
+            [None, "", "stop", "length", "abort", ["length", None], [], [None], 5]
+        ),
+        "logprobs": st.none(),
+    },
+)
+RULE = st.none() | st.builds(
+    ReasoningRule, prefilled=st.booleans(), anywhere=st.booleans(), keep_thinking=st.booleans()
+)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A few chunks; often the last one again with a finish reason (usage dropped, §9.3)."""
+    chunks = draw(st.lists(CHUNK, min_size=1, max_size=6))
+    if draw(st.booleans()):
+        chunks.append({**chunks[-1], "finish_reason": draw(st.sampled_from(["stop", "length"]))})
+    return chunks
+
+
+def _outcome(translator: StreamTranslator, chunk: dict[str, Any], *, fast: bool) -> object:
+    """What one chunk gives: the output and its frame bytes, None, or the error raised."""
+    try:
+        output = translator.translate(chunk if fast else GenericChunk(chunk))
+    except ProtocolError as exc:
+        return type(exc), str(exc), exc.error_code
+    if output is None:
+        return None
+    frame = output.to_frame() if fast else encode_frame(output.to_wire())
+    return output, frame
+
+
+@settings(max_examples=600)
+@given(echo_prompt=st.none() | wire_text(), reasoning=RULE, stream=streams())
+def test_fast_path_frames_equal_the_generic_ones_byte_for_byte(
+    echo_prompt: str | None, reasoning: ReasoningRule | None, stream: list[dict[str, Any]]
+) -> None:
+    fast = StreamTranslator(echo_prompt=echo_prompt, reasoning=reasoning)
+    generic = StreamTranslator(echo_prompt=echo_prompt, reasoning=reasoning)
+    for chunk in stream:
+        assert _outcome(fast, chunk, fast=True) == _outcome(generic, chunk, fast=False)
+        assert fast.ended == generic.ended
+    last_fast, last_generic = fast.finish(), generic.finish()
+    assert last_fast == last_generic
+    if last_fast is not None and last_generic is not None:
+        assert last_fast.to_frame() == encode_frame(last_generic.to_wire())
+
+
+COMMON_CHUNKS = [
+    {"text": "Hello", "error_code": 0, "usage": STREAM_CHUNKS[0]["usage"], "finish_reason": None},
+    {"text": "<think>hm</think>Hi", "usage": None},
+    {"text": "Hello \ufffd", "error_code": 0, "finish_reason": None, "logprobs": None},
+    {"text": "", "finish_reason": ""},
+    {"text": "x", "finish_reason": "abort", "usage": {**STREAM_CHUNKS[0]["usage"], "extra": 1.5}},
+    {"text": "Hello!", "finish_reason": "length", "usage": STREAM_CHUNKS[0]["usage"]},
+]
+
+
+@pytest.mark.parametrize("reasoning", [None, ReasoningRule(anywhere=True)])
+@pytest.mark.parametrize("chunk", COMMON_CHUNKS)
+def test_common_chunks_are_not_parsed_by_pydantic(
+    chunk: dict[str, Any], reasoning: ReasoningRule | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = StreamTranslator(reasoning=reasoning).translate(GenericChunk(chunk))
+
+    class Refusing(Chunk):
+        @classmethod
+        def from_wire(cls, data: object) -> Chunk:
+            raise AssertionError(f"a common chunk was parsed by pydantic: {data}")
+
+    monkeypatch.setattr(protocol.translate, "Chunk", Refusing)
+    assert StreamTranslator(reasoning=reasoning).translate(chunk) == expected
+
+
+UNCOMMON_CHUNKS = [
+    {"text": "a", "error_code": False},  # bools where ints belong: pydantic's coercion decides
+    {"text": "a", "usage": {"prompt_tokens": True, "completion_tokens": 1, "total_tokens": 2}},
+    {"text": "a", "usage": {"prompt_tokens": 1, "completion_tokens": 1}},  # partial usage
+    {"text": "a", "usage": {}},  # MLX's last chunk
+    {"text": "a", "error_code": 0.0},
+    {"text": "a", "finish_reason": ["length", None]},
+    {"text": "boom", "error_code": 50001},
+    {"text": 5},
+]
+
+
+@pytest.mark.parametrize("chunk", UNCOMMON_CHUNKS)
+def test_uncommon_chunks_go_through_chunk_from_wire(
+    chunk: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsed: list[object] = []
+
+    class Spying(Chunk):
+        @classmethod
+        def from_wire(cls, data: object) -> Chunk:
+            parsed.append(data)
+            return Chunk.from_wire(data)
+
+    monkeypatch.setattr(protocol.translate, "Chunk", Spying)
+    with contextlib.suppress(ProtocolError):
+        StreamTranslator().translate(chunk)
+    assert parsed == [chunk]
