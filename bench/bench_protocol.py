@@ -3,7 +3,8 @@
 Prints, for a 1,000-chunk FastChat stream shaped like docs/protocol.md §1.3 (cumulative text that
 grows by a couple of tokens per chunk, usage on every chunk, one final finish-only chunk):
 
-- decode + translate + encode cost per chunk, in µs, and each step alone;
+- decode + translate + encode cost per chunk, in µs, and each step alone (encode: the relay's
+  ``ModelOutput.to_frame``, and the generic ``encode_frame(to_wire())`` it gives the bytes of);
 - throughput of the framing decoder alone (``FrameDecoder.feed``, JSON parsing included) when
   the body arrives in 4 KiB and 64 KiB pieces, in MB/s.
 
@@ -83,7 +84,7 @@ def main() -> None:
             for chunk in decoder.feed(frame):
                 output = translator.translate(chunk)
                 if output is not None:
-                    encode_frame(output.to_wire())
+                    output.to_frame()  # the relay's encoding (adapter/relay.py: frame)
         decoder.close()
 
     def decode_only() -> None:
@@ -95,6 +96,10 @@ def main() -> None:
         translator = StreamTranslator()
         for obj in objects:
             translator.translate(obj)
+
+    def to_frame_only() -> None:
+        for out in translator_outputs:
+            out.to_frame()
 
     def to_wire_only() -> None:
         for out in translator_outputs:
@@ -127,8 +132,9 @@ def main() -> None:
     for label, run in (
         ("  decode (FrameDecoder)", decode_only),
         ("  translate (StreamTranslator)", translate_only),
-        ("  ModelOutput.to_wire", to_wire_only),
-        ("  encode_frame", encode_only),
+        ("  ModelOutput.to_frame", to_frame_only),
+        ("  (generic: to_wire", to_wire_only),
+        ("  + encode_frame)", encode_only),
     ):
         print(f"{label:<30}: {best_of(run) * per_chunk:7.1f} µs/chunk")
     for piece in (4 * 1024, 64 * 1024):
