@@ -33,10 +33,7 @@ connection is closed instead (FastChat frees the slot either way).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -161,50 +158,54 @@ class Relay:
         metrics.upstream_errors.labels(route.worker, self.tracker.model, "in_band").inc()
 
     # --- /generate_stream ---------------------------------------------------------------
-    async def _emit(self, downstream: Downstream, output: ModelOutput) -> None:
+    def _emit(self, downstream: Downstream, output: ModelOutput) -> None:
         self.tracker.observe(output)  # usage, finish reason, error code
-        await downstream.emit(frame(output))
+        downstream.write(frame(output))
 
-    async def stream(self, emit: Downstream) -> Outcome:
+    async def stream(self, downstream: Downstream) -> Outcome:
         """Produce every frame of the answer (see ``FrameStreamResponse``)."""
         try:
-            return await self._stream(emit)
+            return await self._stream(downstream)
         except Exception as exc:  # a bug of ours: still end the stream with one error frame
             log.exception("generate_stream failed inside the adapter")
-            await self._emit(emit, _internal_error(exc))
+            self._emit(downstream, _internal_error(exc))
             return "error"
 
-    async def _stream(self, emit: Downstream) -> Outcome:
+    async def _stream(self, downstream: Downstream) -> Outcome:
         try:
             prepared = await self.prepare()
         except RequestFailed as failure:
-            await self._emit(emit, failure.output)
+            self._emit(downstream, failure.output)
             return failure.outcome
         route, plan = prepared.route, prepared.plan
         translator = StreamTranslator(echo_prompt=plan.echo_prompt, reasoning=plan.reasoning)
+        tracker = self.tracker
         outcome: Outcome = "ok"
+
+        def relay(batch: list[dict[str, Any]]) -> bool:
+            """The chunks of one upstream read downstream, in one write (same bytes); runs in
+            the read's own callback. True once the stream has ended."""
+            nonlocal outcome
+            outputs = _outputs(translator, batch, route, newest_only=downstream.lagging)
+            for output in outputs:
+                tracker.observe(output)  # usage, finish reason, error code
+                if output.error_code:
+                    self._in_band_error(route)
+                    outcome = "error"
+                else:
+                    tracker.frame_relayed()
+            if outputs:
+                downstream.write(b"".join(map(frame, outputs)))
+            return translator.ended
+
         try:
             async with self.runtime.client.generate_stream(route.worker, plan.params) as chunks:
-                async for batch in chunks.batches():
-                    outputs = _outputs(translator, batch, route, newest_only=emit.lagging)
-                    for output in outputs:
-                        self.tracker.observe(output)  # usage, finish reason, error code
-                        if output.error_code:
-                            self._in_band_error(route)
-                            outcome = "error"
-                        else:
-                            self.tracker.frame_relayed()
-                    if outputs:  # the frames of one upstream read in one write: same bytes
-                        await emit.emit(b"".join(map(frame, outputs)))
-                    if translator.ended:
-                        break
-                if translator.ended:
-                    await _drain(chunks)
+                await chunks.run(relay, drain_timeout=DRAIN_TIMEOUT)
         except UpstreamError as exc:
             if translator.ended:
                 return outcome
             broken = await self._upstream_failure(exc)
-            await self._emit(emit, broken.output)
+            self._emit(downstream, broken.output)
             return "error"
         final = translator.finish()
         if final is None:
@@ -212,10 +213,10 @@ class Relay:
         if final.error_code:  # a clean body without a single chunk
             empty = UpstreamError(route.worker, "broken_stream", "the stream had no chunk")
             broken = await self._upstream_failure(empty)
-            await self._emit(emit, broken.output)
+            self._emit(downstream, broken.output)
             return "error"
-        self.tracker.frame_relayed()
-        await self._emit(emit, final)
+        tracker.frame_relayed()
+        self._emit(downstream, final)
         return "ok"
 
     # --- /generate ----------------------------------------------------------------------
@@ -241,14 +242,6 @@ class Relay:
             self._in_band_error(route)
             return output, "error"
         return output, "ok"
-
-
-async def _drain(chunks: AsyncIterable[dict[str, Any]]) -> None:
-    """Read and drop what follows the final frame, for at most ``DRAIN_TIMEOUT`` seconds."""
-    with contextlib.suppress(UpstreamError, TimeoutError):
-        async with asyncio.timeout(DRAIN_TIMEOUT):
-            async for _ in chunks:
-                pass
 
 
 def _translate(

@@ -1,10 +1,12 @@
 """The downstream half of a stream: NUL frames out as they come, keep-alives, disconnects.
 
-``FrameStreamResponse`` runs a *producer* (``relay.Relay.stream``) that calls ``emit(frame)``
-for each frame, and owns the three things Starlette's ``StreamingResponse`` does not give:
+``FrameStreamResponse`` runs a *producer* (``relay.Relay.stream``) that calls
+``Downstream.write(frames)`` as frames come, and owns what Starlette's ``StreamingResponse``
+does not give:
 
-- **No buffering.** Each ``emit`` is one ASGI body message, sent before the producer reads
-  the next upstream frame (the server writes each message at once, chunk-encoded).
+- **No buffering.** Each ``write`` goes out before it returns, as one chunk of the response
+  (``Downstream``); only a client that is not reading gets its frames held, and then only the
+  newest.
 - **Keep-alive.** Whenever nothing has been sent for ``keepalive_interval`` seconds (a slow
   first token, a queued request), an empty frame (a bare NUL) goes out, within half an
   interval more: one timer serves every open stream (``_KeepaliveClock``). DB-GPT's reader skips
@@ -30,8 +32,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, Final
+from typing import ClassVar, Final, cast
 
+import h11
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -67,42 +70,93 @@ def _paused_probe(send: Send) -> Callable[[], bool]:
     return lambda: bool(flow.write_paused)
 
 
-class Downstream:
-    """Serialises sends from the producer and the keep-alive task; remembers the last one.
+def _chunked_transport(send: Send) -> asyncio.Transport | None:
+    """The socket under uvicorn's h11 response cycle when its body is chunk-encoded (an HTTP/1.1
+    client, no Content-Length): frames can then be written there as chunks directly, the bytes
+    h11 would write, without an ASGI message, h11 event and state check per frame (a sixth of
+    the relay's CPU per frame, py-spy). Any other server or framing: None (frames go through
+    ``send``). The attributes read are pinned by tests/adapter/test_server.py."""
+    cycle = getattr(send, "__self__", None)
+    conn, transport = getattr(cycle, "conn", None), getattr(cycle, "transport", None)
+    if not isinstance(conn, h11.Connection) or not hasattr(transport, "is_closing"):
+        return None  # (uvloop's transports are not asyncio.Transport subclasses)
+    if conn.our_state is not h11.SEND_BODY or conn.their_http_version != b"1.1":
+        return None
+    return cast(asyncio.Transport, transport)
 
-    ``lagging`` says the last frame had to wait for the client to drain what was sent before:
-    the producer may then send only the newest of the frames waiting upstream (frames carry
-    cumulative text, so nothing is lost but intermediate states)."""
+
+class Downstream:
+    """Where the frames of one response go, written at once (``write`` never waits).
+
+    While the client keeps up, each ``write`` goes out before it returns: a chunk written on
+    the socket (``_chunked_transport``), else an ASGI message sent by a flusher task. When the
+    client falls behind (the server's write buffer is above its high-water mark), the data is
+    kept instead, and newer data *replaces* it: every frame carries the cumulative text and
+    usage, so the newest is all the client needs, and a slow client costs one frame of memory,
+    never a queue. ``lagging`` tells the producer so, which then sends only the newest frame of
+    each upstream read. ``flush`` waits until everything kept has gone out."""
 
     def __init__(self, send: Send) -> None:
         self._send = send
         self._paused = _paused_probe(send)
-        self._lock = asyncio.Lock()
+        self._transport = _chunked_transport(send)
+        self._cycle = getattr(send, "__self__", None)
+        self._flow = getattr(self._cycle, "flow", None)
         self._loop = asyncio.get_running_loop()
+        self._kept: list[bytes] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.last_sent = self._loop.time()
-        self.lagging = False
-        self._keepalive: asyncio.Future[None] | None = None
 
-    async def emit(self, frame: bytes) -> None:
-        self.lagging = self._paused()
-        async with self._lock:  # uncontended: no suspension, so no cost per frame
-            await self._send({"type": "http.response.body", "body": frame, "more_body": True})
+    @property
+    def lagging(self) -> bool:
+        """The client is not taking what was written (what comes now is kept, not sent)."""
+        return self._paused()
+
+    def write(self, data: bytes) -> None:
         self.last_sent = self._loop.time()
+        if self._paused():
+            self._kept[:] = [data]  # the newest frame supersedes the ones kept (see above)
+        elif self._kept or self._transport is None:
+            self._kept.append(data)
+        else:
+            self._write_chunk(data)
+            return
+        if self._flusher is None or self._flusher.done():
+            self._flusher = self._loop.create_task(self._flush())
 
     def keepalive(self, interval: float) -> None:
-        """Send a keep-alive soon, unless a send is under way (the client is not idle then)."""
-        if not self._lock.locked() and (self._keepalive is None or self._keepalive.done()):
-            self._keepalive = asyncio.ensure_future(self._keepalive_if_idle(interval))
+        """An empty frame, unless something was written in the last ``interval`` seconds or
+        is still waiting for the client (which is then not idle)."""
+        if not self._kept and self._loop.time() - self.last_sent >= interval:
+            self.write(KEEPALIVE)
 
-    async def _keepalive_if_idle(self, interval: float) -> None:
-        # Checked again when the task runs: a frame may have gone out in between.
-        if not self._lock.locked() and self._loop.time() - self.last_sent >= interval:
-            await self.emit(KEEPALIVE)
+    async def flush(self) -> None:
+        """Wait until everything written has been handed to the server."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    def _write_chunk(self, data: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        if not transport.is_closing() and not getattr(self._cycle, "disconnected", False):
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    async def _flush(self) -> None:
+        while self._kept:
+            if self._paused() and self._flow is not None:
+                await self._flow.drain()
+                continue  # newer data may have replaced what was kept meanwhile
+            data = b"".join(self._kept)
+            self._kept.clear()
+            if self._transport is not None:
+                self._write_chunk(data)
+            else:
+                await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def close(self) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            await asyncio.gather(self._keepalive, return_exceptions=True)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
 
 
 class _KeepaliveClock:
@@ -139,10 +193,8 @@ class _KeepaliveClock:
             self._timer = None
             self._clocks.pop((self._loop, self._interval), None)
             return
-        now = self._loop.time()
         for stream in self._streams:
-            if now - stream.last_sent >= self._interval:
-                stream.keepalive(self._interval)
+            stream.keepalive(self._interval)
         self._timer = self._loop.call_later(self._interval / 2, self._tick)
 
 
@@ -162,7 +214,6 @@ class GoingAway:
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-Emit = Callable[[bytes], Awaitable[None]]
 Producer = Callable[[Downstream], Awaitable[Outcome]]
 
 
@@ -188,6 +239,7 @@ class FrameStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome: Outcome = "client_gone"
+        writer: Downstream | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             writer = Downstream(scope.get(RAW_SEND, send))
@@ -205,16 +257,19 @@ class FrameStreamResponse(Response):
                 for task in tasks:
                     task.cancel()
                 # Let the producer unwind (closing the upstream) before the response ends.
-                await asyncio.gather(*tasks, writer.close(), return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
             if finished and not work.cancelled():
                 outcome = "error"
                 outcome = work.result()  # the producer handles its errors: a raise is a bug
             elif cut:
                 outcome = "error"
                 self._going_away.on_cut()
-                await writer.emit(self._going_away.farewell)
+                writer.write(self._going_away.farewell)
             else:  # the client left: nothing more to send
                 return
+            await writer.flush()  # what a slow client has not taken yet, then the end
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if writer is not None:
+                await writer.close()
             self._on_done(outcome)

@@ -9,6 +9,8 @@ inspecting httpx exceptions.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -105,11 +107,11 @@ class FastChatClient:
     async def generate_stream(
         self, worker: str, params: GenerationParams
     ) -> AsyncIterator[ChunkStream]:
-        """Open the stream; iterate decoded chunks (or ``batches()``: the chunks of each read).
-        Leaving the block closes the upstream connection at once if the body is unfinished,
-        which is how FastChat frees the worker's concurrency slot. The read timeout is the idle
-        timeout: it bounds the wait for the headers (a queued or wedged worker) and then every
-        wait between two reads; there is no total timeout."""
+        """Open the stream; ``run`` it (or iterate its chunks). Leaving the block closes the
+        upstream connection at once if the body is unfinished, which is how FastChat frees the
+        worker's concurrency slot. The read timeout is the idle timeout: it bounds the wait for
+        the headers (a queued or wedged worker) and then every wait between two reads; there is
+        no total timeout."""
         if not self.lean_streams:
             async with self._httpx_stream(worker, params) as chunks:
                 yield chunks
@@ -131,11 +133,7 @@ class FastChatClient:
                 raise UpstreamError(
                     worker, "http_status", f"HTTP {response.status}: {await _lean_head(response)}"
                 )
-            batches = self._batches(worker, _lean_pieces(self, worker, response))
-            try:
-                yield ChunkStream(batches)
-            finally:
-                await batches.aclose()
+            yield _LeanChunkStream(self, worker, response)
         finally:
             response.close()
 
@@ -298,15 +296,29 @@ class FastChatClient:
         return reply
 
 
+BatchConsumer = Callable[[list[dict[str, Any]]], bool]
+"""Takes the chunks of one upstream read, in the read's own callback; True once the stream has
+ended (its last frame relayed): the rest of the body is then read and dropped, for at most
+``drain_timeout`` seconds, and a failure in it changes nothing."""
+
+
 class ChunkStream:
-    """The decoded chunks of one stream, one by one or per upstream read (``batches``): a
-    read that brings several means the worker is ahead of us (docs: adapter/relay.py)."""
+    """The decoded chunks of one stream: ``run(consume)`` hands them over per upstream read (a
+    read that brings several means the worker is ahead of us, docs: adapter/relay.py); they can
+    also be iterated one by one. This one reads through httpx (``lean_streams`` off)."""
 
     def __init__(self, batches: AsyncGenerator[list[dict[str, Any]], None]) -> None:
         self._batches = batches
 
-    def batches(self) -> AsyncGenerator[list[dict[str, Any]], None]:
-        return self._batches
+    async def run(self, consume: BatchConsumer, *, drain_timeout: float) -> None:
+        """Until the body ends or ``consume`` says the stream has; raises ``UpstreamError``."""
+        async for batch in self._batches:
+            if consume(batch):
+                with contextlib.suppress(UpstreamError, TimeoutError):
+                    async with asyncio.timeout(drain_timeout):
+                        async for _ in self._batches:
+                            pass
+                return
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         async for batch in self._batches:
@@ -314,14 +326,73 @@ class ChunkStream:
                 yield chunk
 
 
-async def _lean_pieces(
-    client: FastChatClient, worker: str, response: UpstreamStream
-) -> AsyncGenerator[bytes, None]:
-    try:
-        async for piece in response.pieces():
-            yield piece
-    except StreamFailure as exc:
-        raise client._stream_failure(worker, exc) from exc
+class _LeanChunkStream(ChunkStream):
+    """The same on ``adapter/stream_reader.py``: ``consume`` runs inside the socket read's
+    callback, so relaying a frame resumes no coroutine and wakes no task."""
+
+    def __init__(self, client: FastChatClient, worker: str, response: UpstreamStream) -> None:
+        self._client, self._worker, self._response = client, worker, response
+
+    async def run(self, consume: BatchConsumer, *, drain_timeout: float) -> None:
+        worker, response = self._worker, self._response
+        decoder = FrameDecoder()
+
+        def malformed(exc: ProtocolError) -> UpstreamError:
+            return UpstreamError(worker, "malformed", str(exc))
+
+        def on_piece(data: bytes) -> None:
+            try:
+                frames = decoder.feed(data)
+            except ProtocolError as exc:
+                raise malformed(exc) from exc
+            if not frames:
+                return
+            if consume(frames):
+                response.release(drain_timeout)
+                return
+            # The decoder hands over the good frames before a bad one and keeps the error
+            # for its next call: surface it now, not after the next read.
+            try:
+                decoder.feed(b"")
+            except ProtocolError as exc:
+                raise malformed(exc) from exc
+
+        response.consume(on_piece)
+        try:
+            await response.finished()
+        except StreamFailure as exc:
+            raise self._client._stream_failure(worker, exc) from exc
+        if response.released:
+            return
+        if decoder.pending:
+            detail = f"the body ended inside a frame ({decoder.pending} bytes without a NUL)"
+            raise UpstreamError(worker, "broken_stream", detail)
+        try:
+            decoder.close()
+        except ProtocolError as exc:
+            raise malformed(exc) from exc
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        queue: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue()
+
+        def take(batch: list[dict[str, Any]]) -> bool:
+            queue.put_nowait(batch)
+            return False
+
+        async def run() -> None:
+            try:
+                await self.run(take, drain_timeout=0)
+            finally:
+                queue.put_nowait(None)
+
+        reading = asyncio.ensure_future(run())
+        try:
+            while (batch := await queue.get()) is not None:
+                for chunk in batch:
+                    yield chunk
+            await reading  # its failure, if any
+        finally:
+            reading.cancel()
 
 
 async def _lean_head(response: UpstreamStream, limit: int = 500) -> str:
