@@ -31,6 +31,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app = FastAPI(title="fastchat-adapter", version=__version__, lifespan=lifespan)
     app.state.runtime = runtime
     app.include_router(worker_api.router)  # /api/worker/*: DB-GPT's worker API
+    app.add_middleware(worker_api.StreamLane)  # added first = innermost: inside the guard
     ops_api.mount(app, settings)  # probes, metrics, body limit, API key, access log
     if runtime.registry is not None:  # standalone: we are the DB-GPT controller too
         app.include_router(controller_router(runtime.registry, write_policy(runtime)))

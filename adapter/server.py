@@ -80,7 +80,7 @@ class AdapterServer(uvicorn.Server):
         # error frame a little before, while they can still be written to.
         grace = self.config.timeout_graceful_shutdown or 0
         cut_at = max(0.0, grace - min(CUT_MARGIN, grace / 2))
-        asyncio.get_running_loop().call_later(cut_at, self.runtime.going_away.event.set)
+        asyncio.get_running_loop().call_later(cut_at, self.runtime.going_away.cut)
         self.should_exit = True
 
 

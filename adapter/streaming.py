@@ -90,8 +90,9 @@ class Downstream:
 
     While the client keeps up, each ``write`` goes out before it returns: a chunk written on
     the socket (``_chunked_transport``), else an ASGI message sent by a flusher task. When the
-    client falls behind (the server's write buffer is above its high-water mark), the data is
-    kept instead, and newer data *replaces* it: every frame carries the cumulative text and
+    client falls behind (the server's write buffer is above its high-water mark, or data
+    written before still waits for the flusher), the data is kept instead, and newer data
+    *replaces* it: every frame carries the cumulative text and
     usage, so the newest is all the client needs, and a slow client costs one frame of memory,
     never a queue. ``lagging`` tells the producer so, which then sends only the newest frame of
     each upstream read. ``flush`` waits until everything kept has gone out."""
@@ -110,14 +111,14 @@ class Downstream:
     @property
     def lagging(self) -> bool:
         """The client is not taking what was written (what comes now is kept, not sent)."""
-        return self._paused()
+        return bool(self._kept) or self._paused()
 
     def write(self, data: bytes) -> None:
         self.last_sent = self._loop.time()
-        if self._paused():
+        if self.lagging:
             self._kept[:] = [data]  # the newest frame supersedes the ones kept (see above)
-        elif self._kept or self._transport is None:
-            self._kept.append(data)
+        elif self._transport is None:
+            self._kept.append(data)  # sent by the flusher, at once unless the client lags
         else:
             self._write_chunk(data)
             return
@@ -206,12 +207,33 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 @dataclass
 class GoingAway:
-    """Set once, when the shutdown grace is about to run out: every open stream then ends with
-    ``farewell`` (one error frame) and ``on_cut`` is called once per stream so ended."""
+    """Cut once, when the shutdown grace is about to run out: every open stream then ends with
+    ``farewell`` (one error frame) and ``on_cut`` is called once per stream so ended. Streams
+    wait on a plain future each (``watch``), not on a task of their own."""
 
     farewell: bytes
     on_cut: Callable[[], None] = lambda: None
-    event: asyncio.Event = field(default_factory=asyncio.Event)
+    is_cut: bool = False
+    _watchers: set[asyncio.Future[None]] = field(default_factory=set)
+
+    def cut(self) -> None:
+        self.is_cut = True
+        for watcher in self._watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+        self._watchers.clear()
+
+    def watch(self) -> asyncio.Future[None]:
+        """A future done when the cut comes (at once if it came already)."""
+        watcher = asyncio.get_running_loop().create_future()
+        if self.is_cut:
+            watcher.set_result(None)
+        else:
+            self._watchers.add(watcher)
+        return watcher
+
+    def unwatch(self, watcher: asyncio.Future[None]) -> None:
+        self._watchers.discard(watcher)
 
 
 Producer = Callable[[Downstream], Awaitable[Outcome]]
@@ -245,7 +267,7 @@ class FrameStreamResponse(Response):
             writer = Downstream(scope.get(RAW_SEND, send))
             work = asyncio.ensure_future(self._producer(writer))
             gone = asyncio.ensure_future(wait_for_disconnect(receive))
-            closing = asyncio.ensure_future(self._going_away.event.wait())
+            closing = self._going_away.watch()
             tasks = (work, gone, closing)
             clock = _KeepaliveClock.of(self._keepalive_interval)
             clock.add(writer)
@@ -253,6 +275,7 @@ class FrameStreamResponse(Response):
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 clock.discard(writer)
+                self._going_away.unwatch(closing)
                 finished, cut = work.done(), closing.done() and not gone.done()
                 for task in tasks:
                     task.cancel()

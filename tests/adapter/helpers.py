@@ -34,6 +34,7 @@ from adapter.app import create_app
 from adapter.cli import build_parser, settings_from_args
 from adapter.runtime import Runtime
 from adapter.settings import Settings
+from adapter.streaming import expose_raw_send
 from tests.support.fake_controller import Call, FakeController
 from tests.support.fake_worker import FakeWorker, StartFake
 from tests.support.servers import LoopbackServer
@@ -171,11 +172,15 @@ class Adapter:
 
 
 @asynccontextmanager
-async def serving(target: Settings | FastAPI, *, port: int = 0) -> AsyncIterator[Adapter]:
+async def serving(
+    target: Settings | FastAPI, *, port: int = 0, raw_send: bool = True
+) -> AsyncIterator[Adapter]:
     """The adapter (``target``: its settings, or an app already made) on a loopback server of
-    its own (on ``port``; 0: any free one), and a client for it."""
+    its own (on ``port``; 0: any free one), and a client for it. As ``adapter/server.py`` runs
+    it (``expose_raw_send``: frames written on the socket), or with ``raw_send=False`` as any
+    other ASGI server would (frames sent as ASGI messages)."""
     app = create_app(target) if isinstance(target, Settings) else target
-    server = LoopbackServer(app, port=port)
+    server = LoopbackServer(expose_raw_send(app) if raw_send else app, port=port)
     await asyncio.to_thread(server.start)
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as client:

@@ -8,9 +8,14 @@ upstream connection closed, so the FastChat worker frees its slot.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 from collections.abc import Callable
+from typing import Any
 
+import httpx
+import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter.tools.reference_worker import ReferenceWorkerConfig
@@ -30,6 +35,7 @@ from tests.adapter.helpers import (
     within,
 )
 from tests.support.servers import LoopbackServer
+from tests.support.worker_client import wait_for_queue_length
 
 
 class Gate:
@@ -148,3 +154,96 @@ async def test_client_leaving_before_the_first_token_closes_the_upstream(
             await eventually(lambda: bool(fake.bodies(UPSTREAM_STREAM)), what="generate")
         await assert_slot_freed(fake)
         await eventually(lambda: adapter.runtime.inflight.count == 0, what="drained")
+
+
+# --- writing: chunks on the socket, HTTP/1.0, a client that does not read -------------------
+
+
+async def _raw_exchange(
+    adapter_server: LoopbackServer, request: bytes, *, before_reading: Callable[[], Any]
+) -> tuple[bytes, bytes]:
+    """Send ``request`` on a socket with a small receive buffer, await ``before_reading()``
+    without reading a byte, then read to the end: (head, body as sent)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (adapter_server.host, adapter_server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(request)
+        await before_reading()
+        raw = await within(30.0, reader.read(), "the whole response")
+        while data := await reader.read(1 << 16):
+            raw += data
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return head, body
+
+
+def _post(body: bytes, version: str) -> bytes:
+    return (
+        f"POST {STREAM} HTTP/{version}\r\nHost: adapter\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, rest = b"", body
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out, rest = out + rest[:size], rest[size + 2 :]
+
+
+@pytest.mark.parametrize("raw_send", [True, False], ids=["chunks_on_the_socket", "asgi_send"])
+async def test_a_client_that_stops_reading_gets_the_newest_frame_not_a_queue(
+    fake_worker: StartFake, raw_send: bool
+) -> None:
+    # 300 frames of cumulative text ending near 300 KB: about 45 MB if every frame were kept
+    # for a client that reads nothing. The adapter reads the worker to the end regardless (its
+    # slot is freed while the client still sleeps) and keeps only the newest frame for it,
+    # whether it writes on the socket itself or through ASGI messages.
+    config = ReferenceWorkerConfig(stream_interval=1, script=("w" * 999,), context_length=10_000)
+    fake = fake_worker(config)
+    body = json.dumps(chat(max_new_tokens=300)).encode()
+
+    async def worker_done_while_client_sleeps() -> None:
+        await eventually(lambda: bool(fake.bodies(UPSTREAM_STREAM)), what="the stream started")
+        async with httpx.AsyncClient(base_url=fake.url) as worker:
+            await wait_for_queue_length(worker, 0, timeout=20.0)
+
+    async with serving(settings_for(fake.url), raw_send=raw_send) as adapter:
+        head, body_sent = await _raw_exchange(
+            adapter.server, _post(body, "1.1"), before_reading=worker_done_while_client_sleeps
+        )
+    assert b"transfer-encoding: chunked" in head.lower()
+    frames, _ = split(_dechunk(body_sent))
+    texts = [frame["text"] for frame in frames]
+    assert frames[-1]["finish_reason"] == "length"
+    assert len(texts[-1].split()) == 300  # the whole answer
+    assert all(texts[-1].startswith(text) for text in texts)
+    assert len(frames) < 100  # intermediate states dropped, not queued
+
+
+async def test_an_http_1_0_client_gets_the_same_frames_unchunked(fake_worker: StartFake) -> None:
+    fake = fake_worker()
+    body = json.dumps(chat(max_new_tokens=12)).encode()
+
+    async def nothing() -> None:
+        pass
+
+    async with serving(settings_for(fake.url)) as adapter:
+        head10, body10 = await _raw_exchange(
+            adapter.server, _post(body, "1.0"), before_reading=nothing
+        )
+        head11, body11 = await _raw_exchange(
+            adapter.server, _post(body, "1.1"), before_reading=nothing
+        )
+    assert head10.startswith(b"HTTP/1.1 200") and b"chunked" not in head10.lower()
+    assert b"transfer-encoding: chunked" in head11.lower()
+    assert body10 == _dechunk(body11)
+    frames, _ = split(body10)
+    assert len(frames) > 2 and frames[-1]["finish_reason"] == "length"

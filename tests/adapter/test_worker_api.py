@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.routing import APIRoute
 
 from adapter.model_control import parameter_descriptions
 from adapter.tools.reference_worker import ReferenceWorkerConfig
@@ -411,3 +412,31 @@ async def test_models_supports_lists_every_served_model(fake_worker: StartFake) 
             "models": [supported("a", "llm"), supported("b", "llm"), supported("e", "text2vec")],
         }
     ]
+
+
+# --- the stream route's own lane -------------------------------------------------------------
+
+
+async def test_the_stream_route_takes_its_own_lane_inside_the_guard(
+    fake_worker: StartFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routed: list[str] = []
+    handle = APIRoute.handle
+
+    async def spy(self: APIRoute, scope: Any, receive: Any, send: Any) -> None:
+        routed.append(scope["path"])
+        await handle(self, scope, receive, send)
+
+    monkeypatch.setattr(APIRoute, "handle", spy)
+    fake = fake_worker()
+    async with serving(settings_for(fake.url, api_key="s3cret")) as adapter:
+        key = {"authorization": "Bearer s3cret"}
+        refused = await adapter.client.post(STREAM, json=chat())
+        async with adapter.client.stream("POST", STREAM, json=chat(), headers=key) as reply:
+            frames, _ = split(await reply.aread())
+        generated = await adapter.client.post("/api/worker/generate", json=chat(), headers=key)
+    assert refused.status_code == 401  # the guard still wraps the lane
+    assert frames[-1]["finish_reason"] in ("stop", "length") and frames[-1]["error_code"] == 0
+    assert generated.status_code == 200
+    ours = [path for path in routed if path.startswith("/api/worker/")]  # not the fake worker
+    assert ours == ["/api/worker/generate"]  # the stream never went through the router
