@@ -17,15 +17,15 @@ stream reader never looks at the status and its non-stream client would replace 
 with its own (§6.3, §8.5). An error chunk from the worker is forwarded as it is, and ends the
 stream.
 
-Streaming relays each upstream frame as one downstream frame the moment it is decoded; the
-frames decoded from one upstream read go out in one write (the same bytes, fewer system calls).
-When the client is not keeping up (the last write had to wait for it to drain), only the newest
-frame of a read is sent: frames carry cumulative text and usage, so the client loses nothing
-but intermediate states, and gets the newest sooner. The frame that ends the stream is always
-sent as it is. After
-the frame that ends the stream (a finish reason or an error), the rest of the upstream body is
-read and dropped, so the worker sees a complete exchange and the connection goes back to the
-pool; a failure during that drain changes nothing downstream. The drain is bounded by
+Streaming relays each upstream frame as one downstream frame the moment it is decoded, inside
+the upstream read's own callback (``relay`` in ``_stream``: it never awaits); the frames decoded
+from one upstream read go out in one write (the same bytes, fewer system calls). When the client
+is not keeping up (``Downstream.lagging``), only the newest frame of a read is sent, and
+``Downstream`` keeps only the newest for it: frames carry cumulative text and usage, so the
+client loses nothing but intermediate states, and gets the newest sooner. The frame that ends the
+stream is always sent as it is. After the frame that ends the stream (a finish reason or an
+error), the rest of the upstream body is read and dropped, so the worker sees a complete
+exchange; a failure during that drain changes nothing downstream. The drain is bounded by
 ``DRAIN_TIMEOUT``: DB-GPT sends its last events only when our body ends, so a worker that keeps
 its body open after the final chunk must not hold the answer for the idle timeout; the upstream
 connection is closed instead (FastChat frees the slot either way).

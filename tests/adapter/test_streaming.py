@@ -18,6 +18,7 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapter import streaming
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from adapter.tools.reference_worker import create_app as reference_app
 from tests.adapter.helpers import (
@@ -228,7 +229,20 @@ async def test_a_client_that_stops_reading_gets_the_newest_frame_not_a_queue(
     assert len(frames) < 100  # intermediate states dropped, not queued
 
 
-async def test_an_http_1_0_client_gets_the_same_frames_unchunked(fake_worker: StartFake) -> None:
+async def test_an_http_1_0_client_gets_the_same_frames_unchunked(
+    fake_worker: StartFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under uvicorn's h11 cycle an HTTP/1.1 stream is written on the socket as chunks; an
+    # HTTP/1.0 one (no chunked encoding) goes through ASGI messages: the same frames.
+    direct: list[bool] = []
+    real = streaming._chunked_transport
+
+    def recorded(send: Any) -> Any:
+        transport = real(send)
+        direct.append(transport is not None)
+        return transport
+
+    monkeypatch.setattr(streaming, "_chunked_transport", recorded)
     fake = fake_worker()
     body = json.dumps(chat(max_new_tokens=12)).encode()
 
@@ -242,6 +256,7 @@ async def test_an_http_1_0_client_gets_the_same_frames_unchunked(fake_worker: St
         head11, body11 = await _raw_exchange(
             adapter.server, _post(body, "1.1"), before_reading=nothing
         )
+    assert direct == [False, True]
     assert head10.startswith(b"HTTP/1.1 200") and b"chunked" not in head10.lower()
     assert b"transfer-encoding: chunked" in head11.lower()
     assert body10 == _dechunk(body11)
