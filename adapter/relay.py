@@ -41,7 +41,7 @@ from adapter.errors import NoWorker, RequestFailed, UpstreamError
 from adapter.pool import Route
 from adapter.streaming import Downstream
 from adapter.tracking import Outcome, Tracker
-from protocol.dbgpt import ModelOutput, PromptRequest
+from protocol.dbgpt import FrameEncoder, ModelOutput, PromptRequest
 from protocol.errors import ContextOverflow, InvalidRequest, ProtocolError
 from protocol.fastchat import ErrorCode
 from protocol.translate import (
@@ -179,6 +179,7 @@ class Relay:
             return failure.outcome
         route, plan = prepared.route, prepared.plan
         translator = StreamTranslator(echo_prompt=plan.echo_prompt, reasoning=plan.reasoning)
+        encoder = FrameEncoder()  # escapes only what is new of the cumulative text
         tracker = self.tracker
         outcome: Outcome = "ok"
 
@@ -195,7 +196,7 @@ class Relay:
                 else:
                     tracker.frame_relayed()
             if outputs:
-                downstream.write(b"".join(map(frame, outputs)))
+                downstream.write(b"".join(map(encoder.encode, outputs)))
             return translator.ended
 
         try:

@@ -18,13 +18,17 @@ else (status polls, templates, counts) stays on the pooled httpx client. Failure
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, Callable
-from typing import Final, cast
+from typing import ClassVar, Final, cast
 from urllib.parse import urlsplit
 
 __all__ = ["StreamFailure", "UpstreamStream", "open_stream"]
 
 MAX_HEAD: Final = 64 * 1024
+TURN_SLICE: Final = 0.004
+"""Seconds of relaying the open streams may take in one turn of the event loop (see
+``FairShare``)."""
 
 Consumer = Callable[[bytes], None]
 """Called with the de-chunked bytes of each socket read; a raise ends the stream with it."""
@@ -36,6 +40,51 @@ class StreamFailure(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+class FairShare:
+    """Relaying never starves new requests. A turn of the event loop runs every callback that
+    is ready, the read of every open stream included; under full load those reads (each may
+    hold many frames) would make every turn long, and a new request, which needs a handful of
+    turns (accept, read, prepare, connect, first frame), would wait that many long turns. So
+    the streams of one turn share ``TURN_SLICE``: a stream read once it is spent stops reading
+    until the next turn (its data waits in the socket), which starts with the callbacks that
+    were waiting, new requests' included. With no new request, the streams still get all the
+    time there is, a slice at a time. One per event loop."""
+
+    _shares: ClassVar[dict[asyncio.AbstractEventLoop, FairShare]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._spent = 0.0
+        self._turn_open = False
+        self._waiting: list[asyncio.Transport] = []
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> FairShare:
+        share = cls._shares.get(loop)
+        if share is None:
+            share = cls._shares[loop] = cls(loop)
+        return share
+
+    def spend(self, seconds: float, transport: asyncio.Transport) -> None:
+        """A stream read took ``seconds``; past the turn's slice its transport waits."""
+        if not self._turn_open:  # the first read of this turn: the next one resets the slice
+            self._turn_open = True
+            self._loop.call_soon(self._next_turn)
+        self._spent += seconds
+        if self._spent > TURN_SLICE and not transport.is_closing():
+            transport.pause_reading()
+            self._waiting.append(transport)
+
+    def _next_turn(self) -> None:
+        self._spent, self._turn_open = 0.0, False
+        waiting, self._waiting = self._waiting, []
+        if not waiting:  # a quiet turn: forget this loop until its next stream read
+            self._shares.pop(self._loop, None)
+        for transport in waiting:
+            if not transport.is_closing():
+                transport.resume_reading()
 
 
 class UpstreamStream(asyncio.Protocol):
@@ -132,6 +181,12 @@ class UpstreamStream(asyncio.Protocol):
         self._watchdog = self._loop.call_later(self._idle, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
+        started = time.perf_counter()
+        self._receive(data)
+        if self._transport is not None:
+            FairShare.of(self._loop).spend(time.perf_counter() - started, self._transport)
+
+    def _receive(self, data: bytes) -> None:
         self._last_data = self._loop.time()
         if self._error is not None or self._ended:
             return

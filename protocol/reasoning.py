@@ -135,12 +135,23 @@ class ReasoningParser:
         self._rule = rule
         self._thinking: str | None = None
         self._answer = ""
+        # Only at the start (not ``anywhere``, not ``prefilled``): once the output opens with
+        # something that is not ``<think>``, no block can come, and the text is the answer
+        # (what ``split_reasoning`` would find, without scanning the whole text every frame).
+        self._undecided = rule is not None and not rule.anywhere and not rule.prefilled
+        self._plain = False
 
     def feed(self, text: str) -> Split:
         """The split of this frame's cumulative text (thinking None in ``strip`` mode)."""
         rule = self._rule
         if rule is None:
             return Split(None, text)
+        if self._plain:
+            if _visible(text) >= _visible(self._answer):
+                self._answer = text
+            return Split(None, self._answer)
+        if self._undecided:
+            self._decide(text)
         parsed = split_reasoning(text, prefilled=rule.prefilled, anywhere=rule.anywhere)
         if parsed.thinking is not None and _visible(parsed.thinking) >= _visible(self._thinking):
             self._thinking = parsed.thinking
@@ -148,8 +159,20 @@ class ReasoningParser:
             self._answer = parsed.answer
         return Split(self._thinking if rule.keep_thinking else None, self._answer)
 
+    def _decide(self, text: str) -> None:
+        opening = text.lstrip()
+        if not opening or opening[0] == "\ufffd":  # (a partial character may yet be a space)
+            return
+        if opening.startswith(THINK_START):
+            self._undecided = False  # a block: parsed frame by frame from now on
+        elif not THINK_START.startswith(opening):
+            self._undecided = False
+            self._plain = self._thinking is None
+
 
 def _visible(text: str | None) -> int:
     # DB-GPT drops U+FFFD before taking lengths (§8.4): a replacement character that becomes a
     # real one is growth, not shrinkage.
-    return len((text or "").replace("\ufffd", ""))
+    if not text:
+        return 0
+    return len(text) if "\ufffd" not in text else len(text.replace("\ufffd", ""))

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from adapter.errors import UpstreamError
-from adapter.stream_reader import StreamFailure, open_stream
+from adapter.stream_reader import TURN_SLICE, FairShare, StreamFailure, open_stream
 from adapter.upstream import FastChatClient, make_http_client
 from protocol.fastchat import GenerationParams
 
@@ -142,3 +142,36 @@ async def test_the_client_reports_a_status_with_the_start_of_the_body() -> None:
             async with client.generate_stream(url, params):
                 pass
     assert failure.value.reason == "http_status" and "HTTP 503: busy" in str(failure.value)
+
+
+# --- FairShare: the streams of one loop turn share a slice ---------------------------------
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+async def test_stream_reads_past_the_turns_slice_wait_for_the_next_turn() -> None:
+    share = FairShare.of(asyncio.get_running_loop())
+    first, second, third = _Transport(), _Transport(), _Transport()
+    share.spend(TURN_SLICE / 2, first)  # within the slice: keeps reading
+    share.spend(TURN_SLICE, second)  # spends it: waits
+    share.spend(0.0, third)  # nothing left this turn: waits too
+    assert (first.reading, second.reading, third.reading) == (True, False, False)
+    turn = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(turn.set_result, None)  # queued after the share's
+    await turn
+    assert second.reading and third.reading  # the next turn gives them a new slice
+    share = FairShare.of(asyncio.get_running_loop())
+    share.spend(TURN_SLICE / 2, first)
+    assert first.reading

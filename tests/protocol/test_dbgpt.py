@@ -14,6 +14,8 @@ from protocol.dbgpt import (
     CountTokenRequest,
     EmbeddingsRequest,
     ExtMetadata,
+    FrameEncoder,
+    GrowingTextEscaper,
     ModelInstance,
     ModelMetadata,
     ModelMetadataRequest,
@@ -440,3 +442,46 @@ def test_to_frame_of_lone_surrogates_falls_back_to_ascii_escapes(
     frame = output.to_frame()
     assert frame == encode_frame(output.to_wire())
     assert frame.isascii() and b"\\ud" in frame.lower()
+
+
+# --- FrameEncoder: a stream's frames, its growing texts escaped by their new part only -------
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.tuples(wire_text(), wire_text(), st.booleans()), max_size=8),
+    st.sampled_from([None, "stop", "length"]),
+)
+def test_a_streams_frames_are_each_the_generic_encoding(
+    steps: list[tuple[str, str, bool]], finish: str | None
+) -> None:
+    # Texts that grow as streams do (each a continuation of the last), now and then one that
+    # does not (a rewritten character, an unrelated text), thinking beside them or not.
+    encoder = FrameEncoder()
+    text = thinking = ""
+    for added, added_thinking, restart in steps:
+        text = added if restart else text + added
+        thinking = thinking + added_thinking
+        output = ModelOutput(
+            text=text,
+            error_code=0,
+            finish_reason=finish,
+            thinking=thinking if added_thinking else None,
+        )
+        assert encoder.encode(output) == encode_frame(output.to_wire())
+
+
+def test_a_growing_text_is_escaped_by_its_new_part_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    escaped: list[str] = []
+    real = protocol.dbgpt.encode_basestring
+
+    def recorded(text: str) -> str:
+        escaped.append(text)
+        return real(text)
+
+    monkeypatch.setattr(protocol.dbgpt, "encode_basestring", recorded)
+    escaper = GrowingTextEscaper()
+    assert escaper('say "hi"') == real('say "hi"')
+    assert escaper('say "hi"\n\u00e9') == real('say "hi"\n\u00e9')
+    assert escaper("other") == real("other")
+    assert escaped == ['say "hi"', "\n\u00e9", "other"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapter.tools.reference_worker import vicuna_v1_1_template
 from protocol.dbgpt import ModelOutput, PromptRequest
@@ -209,3 +211,48 @@ def test_plan_carries_the_rule_for_the_worker_model() -> None:
         reasoning="auto",
     )
     assert plan.reasoning == ReasoningRule(anywhere=True)
+
+
+# --- the parser's shortcut: a stream that cannot start a block is passed through ----------------
+
+PIECES = st.sampled_from(
+    ["<think>", "</think>", "<", "<th", "ink>", "</th", " ", "\n", "\u3000", "\ufffd", "a", "Hi "]
+) | st.text(max_size=4)
+
+
+def _every_split(parser: ReasoningParser, texts: list[str]) -> list[tuple[str | None, str]]:
+    return [(split.thinking, split.answer) for split in map(parser.feed, texts)]
+
+
+@settings(max_examples=400)
+@given(
+    st.lists(PIECES, max_size=12),
+    st.sampled_from(
+        [
+            ReasoningRule(),
+            ReasoningRule(keep_thinking=False),
+            ReasoningRule(anywhere=True),
+            ReasoningRule(prefilled=True),
+        ]
+    ),
+    st.booleans(),
+)
+def test_the_parser_shortcut_splits_every_stream_as_the_full_parse_does(
+    pieces: list[str], rule: ReasoningRule, rewrite_last: bool
+) -> None:
+    # Cumulative texts, sometimes with a last character rewritten (a U+FFFD that becomes a
+    # real character), fed to the parser and to one whose shortcut is off.
+    texts = ["".join(pieces[:n]) for n in range(1, len(pieces) + 1)]
+    if rewrite_last and texts and texts[-1]:
+        texts.append(texts[-1][:-1] + "x")
+    full_parse = ReasoningParser(rule)
+    full_parse._undecided = False  # never decides the stream is plain: parses every frame
+    assert _every_split(ReasoningParser(rule), texts) == _every_split(full_parse, texts)
+
+
+def test_a_plain_stream_is_decided_after_its_first_visible_character() -> None:
+    parser = ReasoningParser(ReasoningRule())
+    parser.feed("  <th")
+    assert not parser._plain  # may still become <think>
+    parser.feed("  <tho")
+    assert parser._plain
