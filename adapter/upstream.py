@@ -208,13 +208,7 @@ class FastChatClient:
                         decoder.feed(b"")
                     except ProtocolError as exc:
                         raise UpstreamError(worker, "malformed", str(exc)) from exc
-        if decoder.pending:
-            detail = f"the body ended inside a frame ({decoder.pending} bytes without a NUL)"
-            raise UpstreamError(worker, "broken_stream", detail)
-        try:
-            decoder.close()
-        except ProtocolError as exc:
-            raise UpstreamError(worker, "malformed", str(exc)) from exc
+        _end_of_body(worker, decoder)
 
     def _idle(self, worker: str) -> UpstreamError:
         return UpstreamError(worker, "idle_timeout", f"no frame for {self._idle_timeout:g} s")
@@ -362,15 +356,8 @@ class _LeanChunkStream(ChunkStream):
             await response.finished()
         except StreamFailure as exc:
             raise self._client._stream_failure(worker, exc) from exc
-        if response.released:
-            return
-        if decoder.pending:
-            detail = f"the body ended inside a frame ({decoder.pending} bytes without a NUL)"
-            raise UpstreamError(worker, "broken_stream", detail)
-        try:
-            decoder.close()
-        except ProtocolError as exc:
-            raise malformed(exc) from exc
+        if not response.released:
+            _end_of_body(worker, decoder)
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         queue: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue()
@@ -393,6 +380,17 @@ class _LeanChunkStream(ChunkStream):
             await reading  # its failure, if any
         finally:
             reading.cancel()
+
+
+def _end_of_body(worker: str, decoder: FrameDecoder) -> None:
+    """The body ended cleanly: a frame left without its NUL is a broken stream."""
+    if decoder.pending:
+        detail = f"the body ended inside a frame ({decoder.pending} bytes without a NUL)"
+        raise UpstreamError(worker, "broken_stream", detail)
+    try:
+        decoder.close()
+    except ProtocolError as exc:
+        raise UpstreamError(worker, "malformed", str(exc)) from exc
 
 
 async def _lean_head(response: UpstreamStream, limit: int = 500) -> str:
