@@ -60,16 +60,6 @@ def expose_raw_send(app: ASGIApp) -> ASGIApp:
     return with_raw_send
 
 
-def _paused_probe(send: Send) -> Callable[[], bool]:
-    """Whether the server's transport is above its high-water mark (the client is not reading
-    fast enough). Uvicorn's h11 and httptools cycles both keep a ``flow`` with ``write_paused``;
-    any other server: never."""
-    flow = getattr(getattr(send, "__self__", None), "flow", None)
-    if flow is None or not hasattr(flow, "write_paused"):
-        return lambda: False
-    return lambda: bool(flow.write_paused)
-
-
 def _chunked_transport(send: Send) -> asyncio.Transport | None:
     """The socket under uvicorn's h11 response cycle when its body is chunk-encoded (an HTTP/1.1
     client, no Content-Length): frames can then be written there as chunks directly, the bytes
@@ -99,14 +89,19 @@ class Downstream:
 
     def __init__(self, send: Send) -> None:
         self._send = send
-        self._paused = _paused_probe(send)
         self._transport = _chunked_transport(send)
         self._cycle = getattr(send, "__self__", None)
-        self._flow = getattr(self._cycle, "flow", None)
+        # Uvicorn's h11 and httptools cycles both keep a ``flow`` with ``write_paused`` (above
+        # the high-water mark: the client is not reading fast enough); any other server: none.
+        flow = getattr(self._cycle, "flow", None)
+        self._flow = flow if hasattr(flow, "write_paused") else None
         self._loop = asyncio.get_running_loop()
         self._kept: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
         self.last_sent = self._loop.time()
+
+    def _paused(self) -> bool:
+        return self._flow is not None and bool(self._flow.write_paused)
 
     @property
     def lagging(self) -> bool:

@@ -298,8 +298,8 @@ ended (its last frame relayed): the rest of the body is then read and dropped, f
 
 class ChunkStream:
     """The decoded chunks of one stream: ``run(consume)`` hands them over per upstream read (a
-    read that brings several means the worker is ahead of us, docs: adapter/relay.py); they can
-    also be iterated one by one. This one reads through httpx (``lean_streams`` off)."""
+    read that brings several means the worker is ahead of us, docs: adapter/relay.py). This one
+    reads through httpx (``lean_streams`` off)."""
 
     def __init__(self, batches: AsyncGenerator[list[dict[str, Any]], None]) -> None:
         self._batches = batches
@@ -313,11 +313,6 @@ class ChunkStream:
                         async for _ in self._batches:
                             pass
                 return
-
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        async for batch in self._batches:
-            for chunk in batch:
-                yield chunk
 
 
 class _LeanChunkStream(ChunkStream):
@@ -358,28 +353,6 @@ class _LeanChunkStream(ChunkStream):
             raise self._client._stream_failure(worker, exc) from exc
         if not response.released:
             _end_of_body(worker, decoder)
-
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        queue: asyncio.Queue[list[dict[str, Any]] | None] = asyncio.Queue()
-
-        def take(batch: list[dict[str, Any]]) -> bool:
-            queue.put_nowait(batch)
-            return False
-
-        async def run() -> None:
-            try:
-                await self.run(take, drain_timeout=0)
-            finally:
-                queue.put_nowait(None)
-
-        reading = asyncio.ensure_future(run())
-        try:
-            while (batch := await queue.get()) is not None:
-                for chunk in batch:
-                    yield chunk
-            await reading  # its failure, if any
-        finally:
-            reading.cancel()
 
 
 def _end_of_body(worker: str, decoder: FrameDecoder) -> None:

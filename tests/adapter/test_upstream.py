@@ -71,8 +71,7 @@ async def read(client: FastChatClient) -> tuple[list[dict[str, Any]], UpstreamEr
     got: list[dict[str, Any]] = []
     try:
         async with client.generate_stream(WORKER, PARAMS) as chunks:
-            async for chunk in chunks:
-                got.append(chunk)
+            await chunks.run(lambda batch: got.extend(batch) or False, drain_timeout=0)
     except UpstreamError as exc:
         return got, exc
     finally:
