@@ -160,5 +160,6 @@ class Runtime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        # 3. Close the HTTP pool last: nothing uses it any more.
+        # 3. Close the HTTP pools last: nothing uses them any more.
+        self.client.close()
         await self.http.aclose()

@@ -8,11 +8,18 @@ callback, to the consumer (``consume``), which relays it downstream before retur
 wakes up per frame and no coroutine is resumed; a worker that is ahead of us costs one pass for
 the many frames one read holds (and ``adapter/relay.py`` sends them in one write).
 
-It speaks just what a worker's answer needs: one POST on a fresh connection
-(``Connection: close``, so a cancelled stream closes the socket and the worker frees its slot at
-once), a status line, headers, and a body that is chunked, sized or read to the end. Everything
-else (status polls, templates, counts) stays on the pooled httpx client. Failures raise
-``StreamFailure`` with the reason ``adapter/upstream.py`` reports (docs/protocol.md §9.4).
+It speaks just what a worker's answer needs: one POST, a status line, headers, and a body that
+is chunked, sized or read to the end. Everything else (status polls, templates, counts) stays on
+the pooled httpx client. Failures raise ``StreamFailure`` with the reason ``adapter/upstream.py``
+reports (docs/protocol.md §9.4).
+
+Connections are kept alive (``StreamPool``): a socket opened, connected and closed per request
+was a tenth of the adapter's CPU for a short answer (py-spy, bench/relay.py's fixed cost). Only
+a connection whose answer ended cleanly, to its last byte, goes back; a stream that ends any
+other way (a client gone, a failure, a drain cut short) closes its socket, which is how a
+FastChat worker learns to free its slot at once. A pooled connection the worker closed at that
+very moment (uvicorn drops idle ones after 5 s; ours expire at 2 s) fails before any byte of an
+answer: that one request is sent again on a fresh connection.
 """
 
 from __future__ import annotations
@@ -23,9 +30,14 @@ from collections.abc import AsyncGenerator, Callable
 from typing import ClassVar, Final, cast
 from urllib.parse import urlsplit
 
-__all__ = ["StreamFailure", "UpstreamStream", "open_stream"]
+__all__ = ["StreamFailure", "StreamPool", "UpstreamStream", "open_stream"]
 
 MAX_HEAD: Final = 64 * 1024
+KEEP_IDLE: Final = 2.0
+"""Seconds a pooled connection may stay idle: below uvicorn's 5 s keep-alive timeout (a FastChat
+worker's), like the httpx pool's expiry (adapter/upstream.py)."""
+MAX_IDLE: Final = 128
+"""Idle connections kept per worker address; more are closed."""
 TURN_SLICE: Final = 0.004
 """Seconds of relaying the open streams may take in one turn of the event loop (see
 ``FairShare``)."""
@@ -87,23 +99,110 @@ class FairShare:
                 transport.resume_reading()
 
 
-class UpstreamStream(asyncio.Protocol):
+class _Connection(asyncio.Protocol):
+    """One socket to a worker: hands what it reads to the response in progress (``current``),
+    and goes back to its pool when that response ends cleanly (``UpstreamStream``)."""
+
+    def __init__(self, pool: StreamPool | None, key: tuple[str, int]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.pool, self.key = pool, key
+        self.transport: asyncio.Transport | None = None
+        self.current: UpstreamStream | None = None
+        self.reused = False  # it served an answer before this one
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        response = self.current
+        if response is None:  # nobody asked: a worker talking out of turn is not reused
+            self.close()
+            return
+        started = time.perf_counter()
+        response._receive(data)
+        if self.transport is not None:
+            FairShare.of(self._loop).spend(time.perf_counter() - started, self.transport)
+
+    def eof_received(self) -> bool | None:
+        if self.current is not None:
+            self.current._end_of_input(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pool is not None:
+            self.pool.forget(self)
+        response, self.current = self.current, None
+        if response is not None:
+            response._connection_lost(exc)
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def close(self) -> None:
+        self.current = None
+        if self.transport is not None:
+            self.transport.close()  # not awaited: the transport closes in the background
+
+
+class StreamPool:
+    """Idle connections to workers, the most recently used first, per address. One per client;
+    ``close()`` closes what is idle."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+
+    def take(self, key: tuple[str, int], now: float) -> _Connection | None:
+        idle = self._idle.get(key)
+        while idle:
+            connection = idle.pop()
+            if connection.usable and now - connection.idle_since < KEEP_IDLE:
+                connection.reused = True
+                return connection
+            connection.close()
+        return None
+
+    def give(self, connection: _Connection, now: float) -> None:
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) >= MAX_IDLE or not connection.usable:
+            connection.close()
+            return
+        connection.idle_since = now
+        if connection.transport is not None:
+            connection.transport.resume_reading()  # a worker's close must be seen while idle
+        idle.append(connection)
+
+    def forget(self, connection: _Connection) -> None:
+        idle = self._idle.get(connection.key)
+        if idle and connection in idle:
+            idle.remove(connection)
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                connection.close()
+
+
+class UpstreamStream:
     """One response: ``await head()`` (then ``status``), ``consume(callback)`` for the body,
     ``await finished()`` until it ends; ``close()`` at any time (never awaited)."""
 
-    def __init__(self, request: bytes, idle_timeout: float) -> None:
-        self._request = request
+    def __init__(self, connection: _Connection, request: bytes, idle_timeout: float) -> None:
+        self._connection = connection
         self._idle = idle_timeout
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
+        self._loop = connection._loop
         self.status = 0
         self._head_done = False
         self._chunked = False
         self._left: int | None = None  # sized body: bytes still due; None: chunked or to EOF
+        self._reusable = False  # the connection may serve another answer once this one ends
         self._buffer = bytearray()  # head, then an incomplete chunk
         self._consumer: Consumer | None = None
         self._early: list[bytes] = []  # body read before a consumer was set
         self._ended = False  # the body is complete
+        self.answered = False  # a byte of the answer came (else a reused socket may be stale)
         self._error: BaseException | None = None
         self._released = False  # the consumer has all it needs: the rest is dropped
         self._grace: asyncio.TimerHandle | None = None
@@ -111,7 +210,12 @@ class UpstreamStream(asyncio.Protocol):
         # The idle timeout: one timer per stream that fires at most once per idle_timeout and
         # checks when data last came (a timeout context per read costs a timer every frame).
         self._last_data = self._loop.time()
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.TimerHandle | None = self._loop.call_later(
+            idle_timeout, self._check_idle
+        )
+        connection.current = self
+        if connection.transport is not None:
+            connection.transport.write(request)
 
     # --- what the caller uses -------------------------------------------------------------
     async def head(self) -> None:
@@ -138,7 +242,7 @@ class UpstreamStream(asyncio.Protocol):
         self._consumer = self._drop
         self._early.clear()
         if not self._ended and self._error is None:
-            self._grace = self._loop.call_later(grace, self._end)
+            self._grace = self._loop.call_later(grace, self._cut)
 
     @property
     def released(self) -> bool:
@@ -166,28 +270,16 @@ class UpstreamStream(asyncio.Protocol):
             raise self._error
 
     def close(self) -> None:
-        for timer in (self._watchdog, self._grace):
-            if timer is not None:
-                timer.cancel()
-        self._watchdog = self._grace = None
-        if self._transport is not None:
-            self._transport.close()  # not awaited: the transport closes in the background
+        """Done with this response: its connection is closed unless the answer ended cleanly
+        (it is back in the pool then, possibly serving someone else already)."""
+        self._stop_timers()
+        if self._connection.current is self:
+            self._connection.close()
 
-    # --- asyncio.Protocol -----------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._transport.write(self._request)
-        self._last_data = self._loop.time()
-        self._watchdog = self._loop.call_later(self._idle, self._check_idle)
-
-    def data_received(self, data: bytes) -> None:
-        started = time.perf_counter()
-        self._receive(data)
-        if self._transport is not None:
-            FairShare.of(self._loop).spend(time.perf_counter() - started, self._transport)
-
+    # --- from the connection --------------------------------------------------------------
     def _receive(self, data: bytes) -> None:
         self._last_data = self._loop.time()
+        self.answered = True
         if self._error is not None or self._ended:
             return
         if not self._head_done:
@@ -202,6 +294,8 @@ class UpstreamStream(asyncio.Protocol):
             self._buffer.clear()
             self._wake()
             if not data:
+                if self._ended:  # an empty sized body
+                    self._complete()
                 return
         try:
             piece = self._dechunk(data) if self._chunked else self._sized(data)
@@ -211,19 +305,19 @@ class UpstreamStream(asyncio.Protocol):
         if piece and not self._deliver(piece):
             return
         if self._ended:
-            self._end()
+            self._complete()
 
-    def eof_received(self) -> bool | None:
-        self._end_of_input(None)
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+    def _connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timers()
         self._end_of_input(exc)
 
     # --- internals ------------------------------------------------------------------------
+    def _stop_timers(self) -> None:
+        for timer in (self._watchdog, self._grace):
+            if timer is not None:
+                timer.cancel()
+        self._watchdog = self._grace = None
+
     def _deliver(self, piece: bytes) -> bool:
         """Hand ``piece`` on; False if the consumer raised (the stream has failed with it)."""
         if self._consumer is None:
@@ -258,21 +352,33 @@ class UpstreamStream(asyncio.Protocol):
                 )
             )
         else:  # read to the end: the end of input is the end of the body
-            self._end()
+            self._reusable = False
+            self._complete()
 
     def _fail(self, error: BaseException) -> None:
         if self._released:
-            self._end()
+            self._cut()
             return
         if self._error is None and not self._ended:
             self._error = error
         self._wake()
         self.close()
 
-    def _end(self) -> None:
+    def _cut(self) -> None:
+        """Finished, the body unread to its end: the connection cannot serve another answer."""
+        self._reusable = False
+        self._complete()
+
+    def _complete(self) -> None:
         self._ended = True
         self._wake()
-        self.close()
+        connection = self._connection
+        if self._reusable and connection.current is self and connection.pool is not None:
+            self._stop_timers()
+            connection.current = None
+            connection.pool.give(connection, self._loop.time())
+        else:
+            self.close()
 
     @staticmethod
     def _drop(piece: bytes) -> None:
@@ -316,6 +422,7 @@ class UpstreamStream(asyncio.Protocol):
             self.status = int(head[0].split(" ", 2)[1])
         except (IndexError, ValueError):
             raise StreamFailure("broken_stream", f"bad status line: {head[0][:80]!r}") from None
+        keep_alive = head[0].startswith("HTTP/1.1 ")
         for line in head[1:]:
             name, _, value = line.partition(":")
             name, value = name.strip().lower(), value.strip().lower()
@@ -323,15 +430,24 @@ class UpstreamStream(asyncio.Protocol):
                 self._chunked = True
             elif name == "content-length" and value.isdigit():
                 self._left = int(value)
+            elif name == "connection" and "close" in value:
+                keep_alive = False
         if self._chunked:
             self._left = None
+        # Reused only when its end is known from the body itself: a body read to the end of
+        # input ends with the connection.
+        self._reusable = keep_alive and (self._chunked or self._left is not None)
         self._head_done = True
+        if self._left == 0:
+            self._ended = True
         return True
 
     def _sized(self, data: bytes) -> bytes:
         if self._left is None:  # read to the end of input
             return data
-        data = data[: self._left]
+        if len(data) > self._left:  # bytes past the body: the connection is not in step
+            self._reusable = False
+            data = data[: self._left]
         self._left -= len(data)
         if not self._left:
             self._ended = True
@@ -353,7 +469,11 @@ class UpstreamStream(asyncio.Protocol):
                 raise StreamFailure("broken_stream", "malformed chunked body") from None
             if size == 0:
                 self._ended = True
-                position = len(buffer)  # trailers and the final CRLF are not needed
+                # Trailers and the final CRLF are not needed; anything but that CRLF, all of it
+                # in this read, leaves the connection out of step: it is not reused.
+                if buffer[line_end + 2 :] != b"\r\n":
+                    self._reusable = False
+                position = len(buffer)
                 break
             start = line_end + 2
             if len(buffer) < start + size + 2:
@@ -365,35 +485,59 @@ class UpstreamStream(asyncio.Protocol):
 
 
 async def open_stream(
-    url: str, body: bytes, *, connect_timeout: float, idle_timeout: float
+    url: str,
+    body: bytes,
+    *,
+    connect_timeout: float,
+    idle_timeout: float,
+    pool: StreamPool | None = None,
 ) -> UpstreamStream:
     """POST ``body`` (JSON) to ``url``; the response once its head is in. The wait for the head
-    is bounded by ``idle_timeout`` (a queued or wedged worker), every later wait too."""
+    is bounded by ``idle_timeout`` (a queued or wedged worker), every later wait too. With a
+    ``pool`` an idle connection is reused and a clean end gives it back; without, every stream
+    has a connection of its own, closed after it."""
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise StreamFailure("unreachable", f"unsupported worker address: {url}")
     host, port = parts.hostname, parts.port or 80
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     authority = parts.netloc.rsplit("@", 1)[-1]
+    closing = "" if pool is not None else "Connection: close\r\n"
     request = (
         f"POST {target} HTTP/1.1\r\nHost: {authority}\r\nAccept: */*\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"Connection: close\r\nUser-Agent: fastchat-adapter\r\n\r\n".encode("latin-1")
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{closing}"
+        f"User-Agent: fastchat-adapter\r\n\r\n".encode("latin-1")
         + body
     )
     loop = asyncio.get_running_loop()
+    key = (host, port)
+    while True:
+        connection = pool.take(key, loop.time()) if pool is not None else None
+        if connection is None:
+            connection = await _connect(pool, key, connect_timeout)
+        response = UpstreamStream(connection, request, idle_timeout)
+        try:
+            await response.head()
+        except StreamFailure as exc:
+            response.close()
+            if connection.reused and not response.answered and exc.reason == "broken_stream":
+                continue  # closed by the worker while it sat in the pool: a fresh one
+            raise
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+
+async def _connect(
+    pool: StreamPool | None, key: tuple[str, int], connect_timeout: float
+) -> _Connection:
+    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(connect_timeout):
-            _, response = await loop.create_connection(
-                lambda: UpstreamStream(request, idle_timeout), host, port
-            )
+            _, connection = await loop.create_connection(lambda: _Connection(pool, key), *key)
     except TimeoutError:
         raise StreamFailure("unreachable", f"connect timeout ({connect_timeout:g} s)") from None
     except OSError as exc:
         raise StreamFailure("unreachable", str(exc) or type(exc).__name__) from exc
-    try:
-        await response.head()
-    except BaseException:
-        response.close()
-        raise
-    return response
+    return connection

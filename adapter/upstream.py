@@ -19,7 +19,7 @@ from typing import Any, Final, TypeVar, cast
 import httpx
 
 from adapter.errors import UpstreamError
-from adapter.stream_reader import StreamFailure, UpstreamStream, open_stream
+from adapter.stream_reader import StreamFailure, StreamPool, UpstreamStream, open_stream
 from protocol import fastchat
 from protocol.errors import ProtocolError, WorkerError
 from protocol.fastchat import ConvTemplate, GenerationParams, WorkerStatus
@@ -60,7 +60,12 @@ class FastChatClient:
         self._idle_timeout = idle_timeout
         # Streams through adapter/stream_reader.py; off only where httpx is mocked (respx).
         self.lean_streams = True
+        self._streams = StreamPool()  # the lean streams' idle keep-alive connections
         self._generate_timeout = generate_timeout
+
+    def close(self) -> None:
+        """Close the idle stream connections (the httpx pool is its owner's to close)."""
+        self._streams.close()
 
     # --- worker routes ------------------------------------------------------------------
     async def status(self, worker: str, model: str | None = None) -> WorkerStatus:
@@ -109,9 +114,9 @@ class FastChatClient:
     ) -> AsyncIterator[ChunkStream]:
         """Open the stream; ``run`` it (or iterate its chunks). Leaving the block closes the
         upstream connection at once if the body is unfinished, which is how FastChat frees the
-        worker's concurrency slot. The read timeout is the idle timeout: it bounds the wait for
-        the headers (a queued or wedged worker) and then every wait between two reads; there is
-        no total timeout."""
+        worker's concurrency slot (a finished one goes back to the pool). The read timeout is
+        the idle timeout: it bounds the wait for the headers (a queued or wedged worker) and
+        then every wait between two reads; there is no total timeout."""
         if not self.lean_streams:
             async with self._httpx_stream(worker, params) as chunks:
                 yield chunks
@@ -125,6 +130,7 @@ class FastChatClient:
                 body,
                 connect_timeout=self._connect_timeout,
                 idle_timeout=self._idle_timeout,
+                pool=self._streams,
             )
         except StreamFailure as exc:
             raise self._stream_failure(worker, exc) from exc

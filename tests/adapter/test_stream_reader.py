@@ -11,8 +11,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from adapter import stream_reader
 from adapter.errors import UpstreamError
-from adapter.stream_reader import TURN_SLICE, FairShare, StreamFailure, open_stream
+from adapter.stream_reader import TURN_SLICE, FairShare, StreamFailure, StreamPool, open_stream
 from adapter.upstream import FastChatClient, make_http_client
 from protocol.fastchat import GenerationParams
 
@@ -142,6 +143,150 @@ async def test_the_client_reports_a_status_with_the_start_of_the_body() -> None:
             async with client.generate_stream(url, params):
                 pass
     assert failure.value.reason == "http_status" and "HTTP 503: busy" in str(failure.value)
+
+
+# --- keep-alive: the pool of stream connections --------------------------------------------
+
+OK_CHUNKED = HEAD_CHUNKED + b"3\r\nab\0\r\n0\r\n\r\n"
+
+
+@asynccontextmanager
+async def keeping(answers: Sequence[bytes | None]) -> AsyncIterator[tuple[str, list[int]]]:
+    """A keep-alive server: the n-th request (on whatever connection) gets ``answers[n]``, or
+    its connection closed unanswered for None. Yields its URL and, per request, the number of
+    the connection it came on."""
+    seen: list[int] = []
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+                await reader.readexactly(length)
+                answer = answers[len(seen)]
+                seen.append(number)
+                if answer is None:
+                    return
+                writer.write(answer)
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        server.close()
+
+
+async def stream_once(url: str, pool: StreamPool) -> bytes:
+    response = await open_stream(url + "/s", b"{}", connect_timeout=5, idle_timeout=5, pool=pool)
+    try:
+        return b"".join([piece async for piece in response.pieces()])
+    finally:
+        response.close()
+
+
+async def test_a_cleanly_ended_stream_leaves_its_connection_for_the_next() -> None:
+    pool = StreamPool()
+    sized = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nab\0"
+    async with keeping([OK_CHUNKED, sized, OK_CHUNKED]) as (url, seen):
+        assert [await stream_once(url, pool) for _ in range(3)] == [b"ab\0"] * 3
+    pool.close()
+    assert seen == [1, 1, 1]
+
+
+async def test_the_pooled_request_does_not_ask_to_close() -> None:
+    received: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(OK_CHUNKED)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = StreamPool()
+    assert await stream_once(url, pool) == b"ab\0"
+    pool.close()
+    server.close()
+    assert b"connection:" not in received[0].lower()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        HEAD_CHUNKED.replace(b"\r\n\r\n", b"\r\nconnection: close\r\n\r\n") + b"0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nab\0",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nab\0",  # a byte past the body
+        OK_CHUNKED + b"X",  # a byte past the last chunk
+        HEAD_CHUNKED + b"0\r\nx-trailer: 1\r\n\r\n",  # trailers are not read: not in step
+    ],
+    ids=["connection_close", "http_1_0", "past_sized", "past_chunked", "trailers"],
+)
+async def test_a_connection_not_known_to_be_in_step_is_not_reused(first: bytes) -> None:
+    pool = StreamPool()
+    async with keeping([first, OK_CHUNKED]) as (url, seen):
+        await stream_once(url, pool)
+        assert await stream_once(url, pool) == b"ab\0"
+    pool.close()
+    assert seen == [1, 2]
+
+
+async def test_a_stream_closed_before_its_end_closes_its_connection() -> None:
+    pool = StreamPool()
+    unfinished = HEAD_CHUNKED + b"3\r\nab\0\r\n"  # the worker is still generating
+    async with keeping([unfinished, OK_CHUNKED]) as (url, seen):
+        response = await open_stream(
+            url + "/s", b"{}", connect_timeout=5, idle_timeout=5, pool=pool
+        )
+        response.close()  # a client gone: the worker must see the connection close
+        assert await stream_once(url, pool) == b"ab\0"
+    pool.close()
+    assert seen == [1, 2]
+
+
+async def test_a_pooled_connection_closed_by_the_worker_is_retried_on_a_fresh_one() -> None:
+    pool = StreamPool()
+    # The second request finds its pooled connection closed, unanswered (uvicorn's keep-alive
+    # timeout firing just then): it is sent again on a new connection, once.
+    async with keeping([OK_CHUNKED, None, OK_CHUNKED]) as (url, seen):
+        assert await stream_once(url, pool) == b"ab\0"
+        assert await stream_once(url, pool) == b"ab\0"
+    pool.close()
+    assert seen == [1, 1, 2]
+
+
+async def test_a_fresh_connection_closed_unanswered_is_a_failure_not_a_retry() -> None:
+    pool = StreamPool()
+    async with keeping([None, OK_CHUNKED]) as (url, seen):
+        with pytest.raises(StreamFailure) as failure:
+            await stream_once(url, pool)
+    pool.close()
+    assert failure.value.reason == "broken_stream" and seen == [1]
+
+
+async def test_a_connection_idle_too_long_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream_reader, "KEEP_IDLE", 0.05)
+    pool = StreamPool()
+    async with keeping([OK_CHUNKED, OK_CHUNKED]) as (url, seen):
+        await stream_once(url, pool)
+        await asyncio.sleep(0.1)
+        await stream_once(url, pool)
+    pool.close()
+    assert seen == [1, 2]
 
 
 # --- FairShare: the streams of one loop turn share a slice ---------------------------------
