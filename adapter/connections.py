@@ -2,8 +2,9 @@
 request that arrives slowly. Without them one byte a second holds a connection (and its fd)
 forever, and a few hundred such clients exhaust the process.
 
-``read_deadlines(...)`` makes uvicorn's h11 protocol class with two deadlines, checked against
-h11's own view of the request (``their_state``):
+``read_deadlines(...)`` makes uvicorn's protocol class (httptools, what the adapter runs, or
+h11) with two deadlines, checked against the parser's own view of the request (httptools'
+callbacks, h11's ``their_state``):
 
 - **head**: from a connection's first moment (or the first byte of a request after a
   keep-alive pause) the request line and headers must be complete within ``head_timeout``;
@@ -14,70 +15,64 @@ h11's own view of the request (``their_state``):
 A connection that misses one gets a ``408 Request Timeout`` (unless it has sent nothing at all
 or its response has begun), is closed, and is counted by ``on_timeout(phase)``. While the
 response is being written (a stream) no deadline runs: the request is complete.
+
+Under httptools the class also does what h11 does and llhttp does not: a head over
+``MAX_HEAD`` bytes is refused (431) before it is held, a request with both Content-Length and
+Transfer-Encoding gets the guard's own answer, and an HTTP/1.0 client gets its body unchunked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 __all__ = ["read_deadlines"]
 
 log = logging.getLogger("fastchat_adapter.connections")
 
 _TIMEOUT_TEXT: Final = b"request not received in time"
+MAX_HEAD: Final = 16 * 1024
+"""Bytes a request's head may have under httptools: h11's own limit (uvicorn's default)."""
+_TOO_LARGE_TEXT: Final = b"request head too large"
+_HEAD_TOO_LARGE: Final = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TOO_LARGE_TEXT), _TOO_LARGE_TEXT)
+)
 _REQUEST_TIMEOUT: Final = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TIMEOUT_TEXT), _TIMEOUT_TEXT)
 )
 
 
-class _DeadlineProtocol(H11Protocol):
+class _Deadlines:
+    """The deadline clock, for either parser: ``_watch(received, phase)`` after each event
+    that can change the request's phase (``"head"``, ``"body"`` or None: complete, or idle
+    between requests)."""
+
     head_timeout: ClassVar[float]
     body_timeout: ClassVar[float]
     body_min_rate: ClassVar[int]
     on_timeout: ClassVar[staticmethod[[str], None]]
+    ambiguous: ClassVar[staticmethod[[str], bytes] | None]
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    client: tuple[str, int] | None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def _init_deadlines(self) -> None:
         self._phase: str | None = None
         self._since = 0.0
         self._received = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    # --- the hooks: after each thing that can change h11's view of the request -----------
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._watch(0, started=True)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._watch(len(data), started=True)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        # Idle between requests: uvicorn's keep-alive timeout runs until the next byte comes.
-        self._watch(0, started=bool(self.conn.trailing_data[0]))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel()
-        super().connection_lost(exc)
-
-    # --- the deadlines ---------------------------------------------------------------------
-    def _watch(self, received: int, *, started: bool) -> None:
-        state = self.conn.their_state
+    def _watch(self, received: int, phase: str | None) -> None:
         if self.transport.is_closing():
-            phase = None
-        elif state is h11.IDLE:
-            phase = "head" if started else None
-        elif state is h11.SEND_BODY:
-            phase = "body"
-        else:
             phase = None
         if phase != self._phase:
             self._phase, self._since, self._received = phase, self.loop.time(), 0
@@ -103,10 +98,134 @@ class _DeadlineProtocol(H11Protocol):
         client = "%s:%d" % self.client if self.client else "unknown"  # noqa: UP031
         log.warning("closing connection from %s: request %s not received in time", client, phase)
         self.on_timeout(phase)
-        silent = phase == "head" and not self.conn.trailing_data[0]
-        if not silent and self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        silent = phase == "head" and not self._request_begun()
+        if not silent and not self._response_begun():
             self.transport.write(_REQUEST_TIMEOUT)
         self.transport.close()
+
+    def _request_begun(self) -> bool:
+        """A byte of the request in progress has come."""
+        raise NotImplementedError
+
+    def _response_begun(self) -> bool:
+        """A byte of a response is out (a 408 would corrupt it)."""
+        raise NotImplementedError
+
+
+class _H11Deadlines(_Deadlines, H11Protocol):
+    """On uvicorn's h11 protocol, following h11's view of the request (``their_state``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_deadlines()
+
+    # --- the hooks: after each thing that can change h11's view of the request -----------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch(0, self._h11_phase(started=True))
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch(len(data), self._h11_phase(started=True))
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # Idle between requests: uvicorn's keep-alive timeout runs until the next byte comes.
+        self._watch(0, self._h11_phase(started=bool(self.conn.trailing_data[0])))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def _h11_phase(self, *, started: bool) -> str | None:
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            return "head" if started else None
+        return "body" if state is h11.SEND_BODY else None
+
+    def _request_begun(self) -> bool:
+        return bool(self.conn.trailing_data[0])
+
+    def _response_begun(self) -> bool:
+        return self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+
+
+class _HttpToolsDeadlines(_Deadlines, HttpToolsProtocol):
+    """On uvicorn's httptools protocol, following its parser's callbacks. llhttp sets no limit
+    on a request's head, so this protocol does (``MAX_HEAD``, h11's own limit): past it the
+    connection gets a 431 and is closed, before the head is held in memory."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_deadlines()
+        self._state = "idle"  # of the newest request: idle, head, body or complete
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._watch(0, "head")  # from a connection's first moment, as with h11
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._state == "head":  # a read that leaves the head unfinished counts whole
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._refuse(_HEAD_TOO_LARGE)
+                return
+        if self._state == "body":
+            self._watch(len(data), "body")
+        elif self._state == "head" or (self._state == "idle" and self._phase == "head"):
+            self._watch(len(data), "head")
+        else:
+            self._watch(len(data), None)
+
+    def _refuse(self, answer: bytes) -> None:
+        self._cancel()
+        if not self._response_begun():
+            self.transport.write(answer)
+        self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._state = "head"
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._state, self._head_bytes = "body", 0
+        cycle = self.cycle
+        if cycle is not None and self.scope.get("http_version") == "1.0":
+            cycle.send = _unchunked(cycle)  # type: ignore[method-assign,assignment]
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._state = "complete"
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._state == "complete":  # idle between requests: uvicorn's keep-alive timeout
+            self._state = "idle"
+            self._watch(0, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        # llhttp refuses Content-Length with Transfer-Encoding before the app sees it: answer
+        # as the guard does under h11 (adapter/ops_api.py), not with uvicorn's generic text.
+        # Called inside uvicorn's ``except HttpParserError``: the error says which it was.
+        reason = str(sys.exc_info()[1] or "")
+        if "Content-Length" in reason and "Transfer-Encoding" in reason and self.ambiguous:
+            self._refuse(self.ambiguous(self.url.split(b"?", 1)[0].decode("latin-1")))
+            return
+        super().send_400_response(msg)
+
+    def _request_begun(self) -> bool:
+        return self._state != "idle"
+
+    def _response_begun(self) -> bool:
+        cycle = self.cycle
+        return cycle is not None and cycle.response_started and not cycle.response_complete
 
 
 def read_deadlines(
@@ -115,12 +234,42 @@ def read_deadlines(
     body_timeout: float,
     body_min_rate: int,
     on_timeout: Callable[[str], None],
-) -> type[H11Protocol]:
-    """Uvicorn's h11 protocol class with these read deadlines (pass it as ``Config(http=)``)."""
+    parser: str = "h11",
+    ambiguous_length: Callable[[str], bytes] | None = None,
+) -> type[asyncio.Protocol]:
+    """Uvicorn's protocol class for ``parser`` (``h11`` or ``httptools``) with these read
+    deadlines (pass it as ``Config(http=)``). ``ambiguous_length(path)``: the whole answer to
+    a request with both Content-Length and Transfer-Encoding, where the parser refuses it
+    (httptools; under h11 the application sees it)."""
     attributes = {
         "head_timeout": head_timeout,
         "body_timeout": body_timeout,
         "body_min_rate": body_min_rate,
         "on_timeout": staticmethod(on_timeout),
+        "ambiguous": staticmethod(ambiguous_length) if ambiguous_length else None,
     }
-    return type("ReadDeadlineProtocol", (_DeadlineProtocol,), attributes)
+    base = _HttpToolsDeadlines if parser == "httptools" else _H11Deadlines
+    return type("ReadDeadlineProtocol", (base,), attributes)
+
+
+def _unchunked(cycle: RequestResponseCycle) -> Callable[[Any], Awaitable[None]]:
+    """The ``send`` of an HTTP/1.0 request's cycle: uvicorn's httptools cycle would chunk a
+    body without Content-Length, which an HTTP/1.0 client cannot read (RFC 9112 §6.1 forbids
+    it). The body is sent as it is instead, and ends with the connection (h11's answer)."""
+    send = cycle.send
+
+    async def send_unchunked(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", ())}
+            if b"content-length" not in names and b"transfer-encoding" not in names:
+                cycle.chunked_encoding = False  # no chunks…
+                cycle.expected_content_length = sys.maxsize  # …and no length: until the close
+        elif (
+            message["type"] == "http.response.body"
+            and not message.get("more_body", False)
+            and cycle.expected_content_length == sys.maxsize
+        ):
+            cycle.expected_content_length = len(message.get("body", b""))  # the last piece
+        await send(message)
+
+    return send_unchunked

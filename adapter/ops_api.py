@@ -97,6 +97,14 @@ def rejection(
     return Response(body, status, {**extra, **(headers or {})}, "application/json")
 
 
+def ambiguous_length_answer(path: str) -> bytes:
+    """The guard's answer to Content-Length with Transfer-Encoding, whole on the wire, for a
+    server whose parser refuses such a request itself (adapter/connections.py)."""
+    response = rejection(path, 400, _AMBIGUOUS_LENGTH)
+    head = b"".join(b"%s: %s\r\n" % pair for pair in response.raw_headers)
+    return b"HTTP/1.1 400 Bad Request\r\n" + head + b"\r\n" + bytes(response.body)
+
+
 _FRAME_CODES: Final = {
     400: ErrorCode.VALIDATION_TYPE_ERROR,
     401: ErrorCode.INVALID_AUTH_KEY,

@@ -61,16 +61,26 @@ def expose_raw_send(app: ASGIApp) -> ASGIApp:
 
 
 def _chunked_transport(send: Send) -> asyncio.Transport | None:
-    """The socket under uvicorn's h11 response cycle when its body is chunk-encoded (an HTTP/1.1
-    client, no Content-Length): frames can then be written there as chunks directly, the bytes
-    h11 would write, without an ASGI message, h11 event and state check per frame (a sixth of
-    the relay's CPU per frame, py-spy). Any other server or framing: None (frames go through
-    ``send``). The attributes read are pinned by tests/adapter/test_server.py."""
+    """The socket under uvicorn's response cycle (httptools or h11) when its body is
+    chunk-encoded to an HTTP/1.1 client (no Content-Length): frames can then be written there as
+    chunks directly, the bytes the cycle would write, without an ASGI message and the cycle's
+    checks per frame (a sixth of the relay's CPU per frame, py-spy). Any other server or
+    framing: None (frames go through ``send``). The attributes read are pinned by
+    tests/adapter/test_server.py."""
     cycle = getattr(send, "__self__", None)
-    conn, transport = getattr(cycle, "conn", None), getattr(cycle, "transport", None)
-    if not isinstance(conn, h11.Connection) or not hasattr(transport, "is_closing"):
+    transport = getattr(cycle, "transport", None)
+    if not hasattr(transport, "is_closing"):
         return None  # (uvloop's transports are not asyncio.Transport subclasses)
-    if conn.our_state is not h11.SEND_BODY or conn.their_http_version != b"1.1":
+    conn = getattr(cycle, "conn", None)
+    if isinstance(conn, h11.Connection):  # uvicorn's h11 cycle
+        if conn.our_state is not h11.SEND_BODY or conn.their_http_version != b"1.1":
+            return None
+    elif not (  # uvicorn's httptools cycle, its head written, chunks on
+        getattr(cycle, "chunked_encoding", None) is True
+        and getattr(cycle, "response_started", False)
+        and not getattr(cycle, "response_complete", True)
+        and getattr(cycle, "scope", {}).get("http_version") == "1.1"
+    ):
         return None
     return cast(asyncio.Transport, transport)
 

@@ -33,6 +33,7 @@ from adapter import __version__ as VERSION
 from adapter.app import create_app
 from adapter.cli import build_parser, settings_from_args
 from adapter.runtime import Runtime
+from adapter.server import protocol_class
 from adapter.settings import Settings
 from adapter.streaming import expose_raw_send
 from tests.support.fake_controller import Call, FakeController
@@ -180,7 +181,12 @@ async def serving(
     it (``expose_raw_send``: frames written on the socket), or with ``raw_send=False`` as any
     other ASGI server would (frames sent as ASGI messages)."""
     app = create_app(target) if isinstance(target, Settings) else target
-    server = LoopbackServer(expose_raw_send(app) if raw_send else app, port=port)
+    runtime = app.state.runtime
+    if raw_send:  # the server's own protocol, read deadlines included
+        http = protocol_class(runtime.settings, runtime)
+        server = LoopbackServer(expose_raw_send(app), port=port, http=http)
+    else:
+        server = LoopbackServer(app, port=port)
     await asyncio.to_thread(server.start)
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as client:
