@@ -33,6 +33,8 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from adapter.turns import FairShare
+
 __all__ = ["read_deadlines"]
 
 log = logging.getLogger("fastchat_adapter.connections")
@@ -160,12 +162,34 @@ class _HttpToolsDeadlines(_Deadlines, HttpToolsProtocol):
         self._init_deadlines()
         self._state = "idle"  # of the newest request: idle, head, body or complete
         self._head_bytes = 0
+        self._held: bytearray | None = None  # read before the request's turn to start came
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._watch(0, "head")  # from a connection's first moment, as with h11
 
     def data_received(self, data: bytes) -> None:
+        if self._held is not None:  # waiting for its turn to start: keep what comes
+            self._held += data
+            return
+        # A generation request (a POST, between requests) starts when its turn comes
+        # (adapter/turns.py); probes, metrics and the rest never wait.
+        admit = FairShare.of(self.loop).admit
+        if self._state == "idle" and data[:5] == b"POST " and not admit(self._start):
+            self._held = bytearray(data)
+            self.transport.pause_reading()
+            self._unset_keepalive_if_required()
+            return
+        self._feed(data)
+
+    def _start(self) -> None:
+        held, self._held = self._held, None
+        if held is None or self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        self._feed(bytes(held))
+
+    def _feed(self, data: bytes) -> None:
         super().data_received(data)
         if self._state == "head":  # a read that leaves the head unfinished counts whole
             self._head_bytes += len(data)

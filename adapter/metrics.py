@@ -12,6 +12,7 @@ two apps never collide; it also holds the standard ``process_*`` and ``python_*`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -35,6 +36,7 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
 # ``*_created`` series double every counter and histogram and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -44,6 +46,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 class Metrics:
     registry: CollectorRegistry = field(
         default_factory=lambda: CollectorRegistry(auto_describe=True)
+    )
+    _children: dict[tuple[int, tuple[str, ...]], object] = field(
+        default_factory=dict, init=False, repr=False
     )
 
     def __post_init__(self) -> None:
@@ -189,6 +194,16 @@ class Metrics:
             "Streams ended with an error frame because the shutdown grace ran out.",
             [],
         )
+
+    def child(self, metric: _Metric, *labels: str) -> _Metric:
+        """``metric.labels(*labels)``, resolved once per label set: ``labels()`` validates,
+        builds a tuple and takes a lock every call, a dozen times per request (py-spy, the
+        fixed cost in bench/relay.py). Label sets are bounded (unknown models share one)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(_Metric, found)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import ClassVar, Final, cast
+from typing import Final, cast
 from urllib.parse import urlsplit
+
+from adapter.turns import FairShare
 
 __all__ = ["StreamFailure", "StreamPool", "UpstreamStream", "open_stream"]
 
@@ -38,9 +40,6 @@ KEEP_IDLE: Final = 2.0
 worker's), like the httpx pool's expiry (adapter/upstream.py)."""
 MAX_IDLE: Final = 128
 """Idle connections kept per worker address; more are closed."""
-TURN_SLICE: Final = 0.004
-"""Seconds of relaying the open streams may take in one turn of the event loop (see
-``FairShare``)."""
 
 Consumer = Callable[[bytes], None]
 """Called with the de-chunked bytes of each socket read; a raise ends the stream with it."""
@@ -52,51 +51,6 @@ class StreamFailure(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
-
-
-class FairShare:
-    """Relaying never starves new requests. A turn of the event loop runs every callback that
-    is ready, the read of every open stream included; under full load those reads (each may
-    hold many frames) would make every turn long, and a new request, which needs a handful of
-    turns (accept, read, prepare, connect, first frame), would wait that many long turns. So
-    the streams of one turn share ``TURN_SLICE``: a stream read once it is spent stops reading
-    until the next turn (its data waits in the socket), which starts with the callbacks that
-    were waiting, new requests' included. With no new request, the streams still get all the
-    time there is, a slice at a time. One per event loop."""
-
-    _shares: ClassVar[dict[asyncio.AbstractEventLoop, FairShare]] = {}
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._spent = 0.0
-        self._turn_open = False
-        self._waiting: list[asyncio.Transport] = []
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> FairShare:
-        share = cls._shares.get(loop)
-        if share is None:
-            share = cls._shares[loop] = cls(loop)
-        return share
-
-    def spend(self, seconds: float, transport: asyncio.Transport) -> None:
-        """A stream read took ``seconds``; past the turn's slice its transport waits."""
-        if not self._turn_open:  # the first read of this turn: the next one resets the slice
-            self._turn_open = True
-            self._loop.call_soon(self._next_turn)
-        self._spent += seconds
-        if self._spent > TURN_SLICE and not transport.is_closing():
-            transport.pause_reading()
-            self._waiting.append(transport)
-
-    def _next_turn(self) -> None:
-        self._spent, self._turn_open = 0.0, False
-        waiting, self._waiting = self._waiting, []
-        if not waiting:  # a quiet turn: forget this loop until its next stream read
-            self._shares.pop(self._loop, None)
-        for transport in waiting:
-            if not transport.is_closing():
-                transport.resume_reading()
 
 
 class _Connection(asyncio.Protocol):
@@ -119,10 +73,11 @@ class _Connection(asyncio.Protocol):
         if response is None:  # nobody asked: a worker talking out of turn is not reused
             self.close()
             return
-        started = time.perf_counter()
+        first, started = not response.relaying, time.perf_counter()
         response._receive(data)
         if self.transport is not None:
-            FairShare.of(self._loop).spend(time.perf_counter() - started, self.transport)
+            spent = time.perf_counter() - started
+            FairShare.of(self._loop).spend(spent, self.transport, first=first)
 
     def eof_received(self) -> bool | None:
         if self.current is not None:
@@ -203,6 +158,7 @@ class UpstreamStream:
         self._early: list[bytes] = []  # body read before a consumer was set
         self._ended = False  # the body is complete
         self.answered = False  # a byte of the answer came (else a reused socket may be stale)
+        self.relaying = False  # a piece of the body went to the consumer
         self._error: BaseException | None = None
         self._released = False  # the consumer has all it needs: the rest is dropped
         self._grace: asyncio.TimerHandle | None = None
@@ -323,6 +279,7 @@ class UpstreamStream:
         if self._consumer is None:
             self._early.append(piece)
             return True
+        self.relaying = True
         try:
             self._consumer(piece)
         except Exception as exc:  # handed to whoever awaits the stream (finished)

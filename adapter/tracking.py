@@ -71,23 +71,24 @@ class Tracker:
         self._done = False
         set_model(model if isinstance(model, str) else None)
         self._context = current_request()
-        # Resolved once: ``labels()`` takes a lock and a dict lookup, too much per frame.
-        self._frames = runtime.metrics.frames_relayed.labels(self.model)
+        metrics = runtime.metrics
+        self._frames = metrics.child(metrics.frames_relayed, self.model)
         runtime.inflight.enter()
         self._gauge().inc()
 
     def _gauge(self) -> Gauge:
         metrics = self.runtime.metrics
         if self._waiting:
-            return metrics.num_requests_waiting.labels(self.model)
-        return metrics.num_requests_running.labels(self.route, self.model)
+            return metrics.child(metrics.num_requests_waiting, self.model)
+        return metrics.child(metrics.num_requests_running, self.route, self.model)
 
     def frame_relayed(self) -> None:
         """A frame of the upstream's output went downstream (keep-alives do not count)."""
         if not self._first_frame_seen:
             self._first_frame_seen = True
             elapsed = time.perf_counter() - self.started
-            self.runtime.metrics.time_to_first_token.labels(self.model).observe(elapsed)
+            metrics = self.runtime.metrics
+            metrics.child(metrics.time_to_first_token, self.model).observe(elapsed)
             if self._waiting:
                 self._gauge().dec()
                 self._waiting = False
@@ -111,14 +112,16 @@ class Tracker:
         self._done = True
         metrics = self.runtime.metrics
         self._gauge().dec()
-        metrics.requests.labels(self.route, self.model, outcome).inc()
+        metrics.child(metrics.requests, self.route, self.model, outcome).inc()
         elapsed = time.perf_counter() - self.started
-        metrics.e2e_request_latency.labels(self.route, self.model).observe(elapsed)
+        metrics.child(metrics.e2e_request_latency, self.route, self.model).observe(elapsed)
         if self._usage is not None:  # tokens were spent even if the client left
-            metrics.prompt_tokens.labels(self.model).inc(self._usage.prompt_tokens)
-            metrics.generation_tokens.labels(self.model).inc(self._usage.completion_tokens)
+            usage = self._usage
+            metrics.child(metrics.prompt_tokens, self.model).inc(usage.prompt_tokens)
+            metrics.child(metrics.generation_tokens, self.model).inc(usage.completion_tokens)
         if self._finish_reason and outcome == "ok":
-            metrics.request_success.labels(self.model, self._finish_reason).inc()
+            success = metrics.child(metrics.request_success, self.model, self._finish_reason)
+            success.inc()
         if self._context is not None:  # for the access log line
             self._context.outcome = outcome
             self._context.error_code = self.error_code or None

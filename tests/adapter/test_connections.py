@@ -12,10 +12,13 @@ from typing import cast
 
 import httpx
 import pytest
+import uvicorn
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from adapter.connections import MAX_HEAD, read_deadlines
+from adapter.turns import ADMIT_PER_TURN
 from tests.support.servers import LoopbackServer
 
 HEAD = b"POST /echo HTTP/1.1\r\nhost: a\r\n"
@@ -155,3 +158,90 @@ def test_a_head_at_the_limit_is_served(server: tuple[LoopbackServer, list[str]])
     with httpx.Client(base_url=running.url, trust_env=False, timeout=10) as client:
         big = "a" * (MAX_HEAD - 1024)
         assert client.post("/echo", content=b"ok", headers={"x-big": big}).content == b"ok"
+
+
+def test_a_burst_of_posts_waiting_their_turn_loses_nothing(
+    server: tuple[LoopbackServer, list[str]],
+) -> None:
+    # Under httptools, generation requests (POSTs) start one per event-loop turn
+    # (adapter/turns.py): the others' bytes are held, the rest of a body arriving meanwhile too.
+    running, timed_out = server
+    socks = [socket.create_connection(("127.0.0.1", running.port), timeout=10) for _ in range(40)]
+    try:
+        for sock in socks:
+            sock.sendall(HEAD + b"content-length: 6\r\n\r\nab")
+        for number, sock in enumerate(socks):
+            sock.sendall(b"%04d" % number)
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as probe:
+            probe.sendall(b"GET /echo HTTP/1.1\r\nhost: a\r\n\r\n")
+            assert probe.recv(65536).startswith(b"HTTP/1.1 200 ")
+        for number, sock in enumerate(socks):
+            answer = b""
+            while not answer.endswith(b"0\r\n\r\n"):
+                chunk = sock.recv(65536)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200 ") and b"ab%04d" % number in answer
+    finally:
+        for sock in socks:
+            sock.close()
+    assert timed_out == []
+
+
+class _Socket:
+    """What uvicorn's protocol uses of a transport, in memory."""
+
+    def __init__(self) -> None:
+        self.sent = b""
+        self.reading = True
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 9) if name in ("sockname", "peername") else None
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+async def test_a_post_waiting_its_turn_keeps_what_arrives_meanwhile() -> None:
+    protocol_class = read_deadlines(
+        head_timeout=5, body_timeout=5, body_min_rate=1000, on_timeout=print, parser="httptools"
+    )
+    config = uvicorn.Config(app, log_config=None)
+    config.load()
+    state = ServerState()
+    socks = [_Socket() for _ in range(ADMIT_PER_TURN + 1)]
+    protocols = []
+    for sock in socks:
+        protocol = protocol_class(config=config, server_state=state, app_state={})  # type: ignore[call-arg]
+        protocol.connection_made(cast(asyncio.Transport, sock))
+        protocols.append(protocol)
+    # All in one turn: the first ADMIT_PER_TURN start, the last waits (its socket not read),
+    # keeping its bytes and what arrives meanwhile.
+    for protocol in protocols:
+        protocol.data_received(HEAD + b"content-length: 6\r\n\r\nab")
+    *started, last = socks
+    assert all(sock.reading for sock in started) and not last.reading
+    protocols[-1].data_received(b"cdef")
+    for protocol in protocols[:-1]:
+        protocol.data_received(b"wxyz")
+    for _ in range(50):
+        await asyncio.sleep(0)
+        if all(sock.sent.endswith(b"0\r\n\r\n") for sock in socks):
+            break
+    assert all(b"\r\nabwxyz\r\n" in sock.sent for sock in started)
+    assert last.reading and b"\r\nabcdef\r\n" in last.sent
+    for protocol in protocols:
+        protocol.connection_lost(None)

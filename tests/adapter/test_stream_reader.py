@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import cast
 
 import pytest
 
 from adapter import stream_reader
 from adapter.errors import UpstreamError
-from adapter.stream_reader import TURN_SLICE, FairShare, StreamFailure, StreamPool, open_stream
+from adapter.stream_reader import StreamFailure, StreamPool, open_stream
+from adapter.turns import ADMIT_PER_TURN, TURN_SLICE, FairShare
 from adapter.upstream import FastChatClient, make_http_client
 from protocol.fastchat import GenerationParams
 
@@ -312,7 +314,10 @@ async def test_stream_reads_past_the_turns_slice_wait_for_the_next_turn() -> Non
     share.spend(TURN_SLICE / 2, first)  # within the slice: keeps reading
     share.spend(TURN_SLICE, second)  # spends it: waits
     share.spend(0.0, third)  # nothing left this turn: waits too
+    starting = _Transport()
+    share.spend(TURN_SLICE, starting, first=True)  # before its first frame: never held back
     assert (first.reading, second.reading, third.reading) == (True, False, False)
+    assert starting.reading
     turn = asyncio.get_running_loop().create_future()
     asyncio.get_running_loop().call_soon(turn.set_result, None)  # queued after the share's
     await turn
@@ -320,3 +325,50 @@ async def test_stream_reads_past_the_turns_slice_wait_for_the_next_turn() -> Non
     share = FairShare.of(asyncio.get_running_loop())
     share.spend(TURN_SLICE / 2, first)
     assert first.reading
+
+
+class _Turns:
+    """A loop whose turns the test runs: ``call_soon`` queues for the next ``turn()``."""
+
+    def __init__(self) -> None:
+        self.ready: list[Callable[[], None]] = []
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.ready.append(callback)
+
+    def turn(self) -> None:
+        ready, self.ready = self.ready, []
+        for callback in ready:
+            callback()
+
+
+def test_new_requests_start_a_few_a_turn_in_arrival_order() -> None:
+    loop = _Turns()
+    share = FairShare(cast(asyncio.AbstractEventLoop, loop))
+    started: list[int] = []
+    for _ in range(ADMIT_PER_TURN):  # nothing waiting: at once
+        assert share.admit(lambda: None)
+    for number in range(2 * ADMIT_PER_TURN):  # this turn's starts are taken: they wait
+        assert not share.admit(lambda number=number: started.append(number))
+    loop.turn()
+    assert started == list(range(ADMIT_PER_TURN))
+    assert not share.admit(lambda: started.append(-1))  # behind those still waiting
+    loop.turn()
+    assert started == list(range(2 * ADMIT_PER_TURN))
+    loop.turn()
+    assert started[-1] == -1
+    loop.turn()
+    assert share.admit(lambda: None)  # a quiet turn went by: at once again
+
+
+def test_under_streams_that_use_their_whole_slice_the_waiting_requests_all_start() -> None:
+    loop = _Turns()
+    share = FairShare(cast(asyncio.AbstractEventLoop, loop))
+    started: list[int] = []
+    for _ in range(ADMIT_PER_TURN):
+        share.admit(lambda: None)
+    for number in range(5 * ADMIT_PER_TURN):
+        share.admit(lambda number=number: started.append(number))
+    share.spend(TURN_SLICE * 2, cast(asyncio.Transport, _Transport()))  # a saturated turn
+    loop.turn()
+    assert started == list(range(5 * ADMIT_PER_TURN))  # ordering would only delay them
