@@ -25,6 +25,7 @@ answer: that one request is sent again on a fresh connection.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Final, cast
@@ -38,6 +39,11 @@ MAX_HEAD: Final = 64 * 1024
 KEEP_IDLE: Final = 2.0
 """Seconds a pooled connection may stay idle: below uvicorn's 5 s keep-alive timeout (a FastChat
 worker's), like the httpx pool's expiry (adapter/upstream.py)."""
+RECEIVE_BUFFER: Final = 32 * 1024
+"""The kernel's receive buffer of a stream connection (SO_RCVBUF). A worker far ahead of us
+otherwise lets hundreds of KiB pile up, and one read's callback relays them all, milliseconds
+in which nothing else runs (a new request's stages included, adapter/turns.py); at 32 KiB a read
+is a few hundred frames and the worker waits for us instead (TCP flow control)."""
 MAX_IDLE: Final = 128
 """Idle connections kept per worker address; more are closed."""
 
@@ -67,6 +73,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
     def data_received(self, data: bytes) -> None:
         response = self.current

@@ -49,7 +49,7 @@ class FairShare:
         self._admitted = 0
         self._limit = ADMIT_PER_TURN
         self._turn_open = False
-        self._waiting: list[asyncio.Transport] = []
+        self._waiting: deque[tuple[asyncio.Transport, float]] = deque()  # paused, their read's cost
         self._queue: deque[Callable[[], None]] = deque()
 
     @classmethod
@@ -67,7 +67,7 @@ class FairShare:
         if self._spent <= TURN_SLICE or first or transport.is_closing():
             return
         transport.pause_reading()
-        self._waiting.append(transport)
+        self._waiting.append((transport, seconds))
 
     def admit(self, start: Callable[[], None]) -> bool:
         """True: the new request starts now. False: ``start()`` will be called when its turn
@@ -89,14 +89,19 @@ class FairShare:
         # requests then all start at once, the order bought nothing but a longer wait.
         self._limit = ADMIT_PER_TURN if self._spent <= TURN_SLICE else _ALL
         self._spent, self._admitted, self._turn_open = 0.0, 0, False
-        waiting, self._waiting = self._waiting, []
-        for transport in waiting:
+        # The streams that waited resume in arrival order, as many as their last reads fit in
+        # a slice (at least one): resumed all at once they would all be read again in the
+        # next turn, whatever its slice, and a turn would last as long as every stream's read.
+        waiting, budget = self._waiting, TURN_SLICE
+        while waiting and budget > 0:
+            transport, cost = waiting.popleft()
             if not transport.is_closing():
                 transport.resume_reading()
-        if self._queue:
+                budget -= cost
+        if self._queue or waiting:
             self._open_turn()  # this turn's books, and the next turn for those still waiting
             while self._queue and self._admitted < self._limit:
                 self._admitted += 1
                 self._queue.popleft()()
-        elif not waiting:  # a quiet turn: forget this loop until its next event
+        else:  # a quiet turn: forget this loop until its next event
             self._shares.pop(self._loop, None)

@@ -308,21 +308,21 @@ class _Transport:
         self.reading = True
 
 
-async def test_stream_reads_past_the_turns_slice_wait_for_the_next_turn() -> None:
-    share = FairShare.of(asyncio.get_running_loop())
+def test_stream_reads_past_the_turns_slice_wait_for_a_later_turn() -> None:
+    loop = _Turns()
+    share = FairShare(cast(asyncio.AbstractEventLoop, loop))
     first, second, third = _Transport(), _Transport(), _Transport()
     share.spend(TURN_SLICE / 2, first)  # within the slice: keeps reading
     share.spend(TURN_SLICE, second)  # spends it: waits
-    share.spend(0.0, third)  # nothing left this turn: waits too
+    share.spend(TURN_SLICE / 2, third)  # nothing left this turn: waits too
     starting = _Transport()
     share.spend(TURN_SLICE, starting, first=True)  # before its first frame: never held back
     assert (first.reading, second.reading, third.reading) == (True, False, False)
     assert starting.reading
-    turn = asyncio.get_running_loop().create_future()
-    asyncio.get_running_loop().call_soon(turn.set_result, None)  # queued after the share's
-    await turn
-    assert second.reading and third.reading  # the next turn gives them a new slice
-    share = FairShare.of(asyncio.get_running_loop())
+    loop.turn()  # those that waited resume in order, as many as their reads fit in a slice
+    assert second.reading and not third.reading
+    loop.turn()
+    assert third.reading
     share.spend(TURN_SLICE / 2, first)
     assert first.reading
 
@@ -372,3 +372,19 @@ def test_under_streams_that_use_their_whole_slice_the_waiting_requests_all_start
     share.spend(TURN_SLICE * 2, cast(asyncio.Transport, _Transport()))  # a saturated turn
     loop.turn()
     assert started == list(range(5 * ADMIT_PER_TURN))  # ordering would only delay them
+
+
+async def test_a_stream_connection_reads_in_small_pieces() -> None:
+    # A worker far ahead of us must not hand one read's callback hundreds of KiB of frames.
+    async with keeping([OK_CHUNKED]) as (url, _):
+        pool = StreamPool()
+        response = await open_stream(
+            url + "/s", b"{}", connect_timeout=5, idle_timeout=5, pool=pool
+        )
+        transport = response._connection.transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        response.close()
+        pool.close()
+    assert size <= 2 * stream_reader.RECEIVE_BUFFER  # Linux reports twice what was set
