@@ -31,7 +31,7 @@ from types import FrameType
 
 import uvicorn
 
-from adapter.app import create_app
+from adapter.app import create_app, front
 from adapter.cli import ExitCode
 from adapter.connections import read_deadlines
 from adapter.logs import setup_logging
@@ -39,7 +39,6 @@ from adapter.ops_api import ambiguous_length_answer
 from adapter.runtime import Runtime
 from adapter.settings import Settings
 from adapter.startup import startup_facts, startup_line
-from adapter.streaming import expose_raw_send
 
 log = logging.getLogger("fastchat_adapter.server")
 
@@ -90,7 +89,7 @@ def build_server(settings: Settings) -> AdapterServer:
     app = create_app(settings)
     runtime: Runtime = app.state.runtime
     config = uvicorn.Config(
-        expose_raw_send(app),
+        front(app),
         host=settings.host,
         port=settings.port,
         http=protocol_class(settings, runtime),

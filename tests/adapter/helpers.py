@@ -30,12 +30,11 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapter import __version__ as VERSION
-from adapter.app import create_app
+from adapter.app import create_app, front
 from adapter.cli import build_parser, settings_from_args
 from adapter.runtime import Runtime
 from adapter.server import protocol_class
 from adapter.settings import Settings
-from adapter.streaming import expose_raw_send
 from tests.support.fake_controller import Call, FakeController
 from tests.support.fake_worker import FakeWorker, StartFake
 from tests.support.servers import LoopbackServer
@@ -178,13 +177,13 @@ async def serving(
 ) -> AsyncIterator[Adapter]:
     """The adapter (``target``: its settings, or an app already made) on a loopback server of
     its own (on ``port``; 0: any free one), and a client for it. As ``adapter/server.py`` runs
-    it (``expose_raw_send``: frames written on the socket), or with ``raw_send=False`` as any
+    it (``app.front``: frames written on the socket), or with ``raw_send=False`` as any
     other ASGI server would (frames sent as ASGI messages)."""
     app = create_app(target) if isinstance(target, Settings) else target
     runtime = app.state.runtime
     if raw_send:  # the server's own protocol, read deadlines included
         http = protocol_class(runtime.settings, runtime)
-        server = LoopbackServer(expose_raw_send(app), port=port, http=http)
+        server = LoopbackServer(front(app), port=port, http=http)
     else:
         server = LoopbackServer(app, port=port)
     await asyncio.to_thread(server.start)

@@ -12,7 +12,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.routing import APIRoute
+from starlette.middleware.errors import ServerErrorMiddleware
 
+from adapter import worker_api
 from adapter.model_control import parameter_descriptions
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from adapter.tools.scripted_model import SERVER_ERROR_MSG
@@ -428,6 +430,14 @@ async def test_the_stream_route_takes_its_own_lane_inside_the_guard(
         await handle(self, scope, receive, send)
 
     monkeypatch.setattr(APIRoute, "handle", spy)
+    outer: list[str] = []  # what entered Starlette's outermost layer (app.front skips it)
+    error_layer = ServerErrorMiddleware.__call__
+
+    async def outer_spy(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        outer.append(scope.get("path", ""))
+        await error_layer(self, scope, receive, send)
+
+    monkeypatch.setattr(ServerErrorMiddleware, "__call__", outer_spy)
     fake = fake_worker()
     async with serving(settings_for(fake.url, api_key="s3cret")) as adapter:
         key = {"authorization": "Bearer s3cret"}
@@ -440,3 +450,20 @@ async def test_the_stream_route_takes_its_own_lane_inside_the_guard(
     assert generated.status_code == 200
     ours = [path for path in routed if path.startswith("/api/worker/")]  # not the fake worker
     assert ours == ["/api/worker/generate"]  # the stream never went through the router
+    assert STREAM not in outer and "/api/worker/generate" in outer
+
+
+async def test_an_unexpected_error_on_the_stream_route_is_a_500(
+    fake_worker: StartFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(request: Any) -> Any:
+        await request.body()  # (unread, the close after the 500 would reset the connection)
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(worker_api, "generate_stream", broken)
+    fake = fake_worker()
+    async with serving(settings_for(fake.url)) as adapter:
+        reply = await adapter.client.post(STREAM, json=chat())
+        still = await adapter.client.post("/api/worker/generate", json=chat())
+    assert (reply.status_code, reply.text) == (500, "Internal Server Error")
+    assert still.status_code == 200
