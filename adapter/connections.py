@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final
 
@@ -53,7 +54,7 @@ _REQUEST_TIMEOUT: Final = (
 )
 
 
-class _Deadlines:
+class _Deadlines(ABC):
     """The deadline clock, for either parser: ``_watch(received, phase)`` after each event
     that can change the request's phase (``"head"``, ``"body"`` or None: complete, or idle
     between requests)."""
@@ -105,13 +106,13 @@ class _Deadlines:
             self.transport.write(_REQUEST_TIMEOUT)
         self.transport.close()
 
+    @abstractmethod
     def _request_begun(self) -> bool:
         """A byte of the request in progress has come."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _response_begun(self) -> bool:
         """A byte of a response is out (a 408 would corrupt it)."""
-        raise NotImplementedError
 
 
 class _H11Deadlines(_Deadlines, H11Protocol):
