@@ -16,8 +16,9 @@ A connection that misses one gets a ``408 Request Timeout`` (unless it has sent 
 or its response has begun), is closed, and is counted by ``on_timeout(phase)``. While the
 response is being written (a stream) no deadline runs: the request is complete.
 
-Under httptools the class also does what h11 does and llhttp does not: a head over
-``MAX_HEAD`` bytes is refused (431) before it is held, a request with both Content-Length and
+Under httptools (``adapter/httptools_deadlines.py``, imported only where httptools is
+installed) the class also does what h11 does and llhttp does not: a head over ``MAX_HEAD``
+bytes is refused (431) before it is held, a request with both Content-Length and
 Transfer-Encoding gets the guard's own answer, and an HTTP/1.0 client gets its body unchunked.
 """
 
@@ -25,18 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, ClassVar, Final
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from adapter.turns import FairShare
-
-__all__ = ["read_deadlines"]
+__all__ = ["MAX_HEAD", "read_deadlines"]
 
 log = logging.getLogger("fastchat_adapter.connections")
 
@@ -44,7 +41,7 @@ _TIMEOUT_TEXT: Final = b"request not received in time"
 MAX_HEAD: Final = 16 * 1024
 """Bytes a request's head may have under httptools: h11's own limit (uvicorn's default)."""
 _TOO_LARGE_TEXT: Final = b"request head too large"
-_HEAD_TOO_LARGE: Final = (
+HEAD_TOO_LARGE: Final = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TOO_LARGE_TEXT), _TOO_LARGE_TEXT)
 )
@@ -54,7 +51,7 @@ _REQUEST_TIMEOUT: Final = (
 )
 
 
-class _Deadlines(ABC):
+class Deadlines(ABC):
     """The deadline clock, for either parser: ``_watch(received, phase)`` after each event
     that can change the request's phase (``"head"``, ``"body"`` or None: complete, or idle
     between requests)."""
@@ -115,7 +112,7 @@ class _Deadlines(ABC):
         """A byte of a response is out (a 408 would corrupt it)."""
 
 
-class _H11Deadlines(_Deadlines, H11Protocol):
+class _H11Deadlines(Deadlines, H11Protocol):
     """On uvicorn's h11 protocol, following h11's view of the request (``their_state``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -153,106 +150,6 @@ class _H11Deadlines(_Deadlines, H11Protocol):
         return self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
 
 
-class _HttpToolsDeadlines(_Deadlines, HttpToolsProtocol):
-    """On uvicorn's httptools protocol, following its parser's callbacks. llhttp sets no limit
-    on a request's head, so this protocol does (``MAX_HEAD``, h11's own limit): past it the
-    connection gets a 431 and is closed, before the head is held in memory."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_deadlines()
-        self._state = "idle"  # of the newest request: idle, head, body or complete
-        self._head_bytes = 0
-        self._held: bytearray | None = None  # read before the request's turn to start came
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._watch(0, "head")  # from a connection's first moment, as with h11
-
-    def data_received(self, data: bytes) -> None:
-        if self._held is not None:  # waiting for its turn to start: keep what comes
-            self._held += data
-            return
-        # A generation request (a POST, between requests) starts when its turn comes
-        # (adapter/turns.py); probes, metrics and the rest never wait.
-        admit = FairShare.of(self.loop).admit
-        if self._state == "idle" and data[:5] == b"POST " and not admit(self._start):
-            self._held = bytearray(data)
-            self.transport.pause_reading()
-            self._unset_keepalive_if_required()
-            return
-        self._feed(data)
-
-    def _start(self) -> None:
-        held, self._held = self._held, None
-        if held is None or self.transport.is_closing():
-            return
-        self.transport.resume_reading()
-        self._feed(bytes(held))
-
-    def _feed(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._state == "head":  # a read that leaves the head unfinished counts whole
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD:
-                self._refuse(_HEAD_TOO_LARGE)
-                return
-        if self._state == "body":
-            self._watch(len(data), "body")
-        elif self._state == "head" or (self._state == "idle" and self._phase == "head"):
-            self._watch(len(data), "head")
-        else:
-            self._watch(len(data), None)
-
-    def _refuse(self, answer: bytes) -> None:
-        self._cancel()
-        if not self._response_begun():
-            self.transport.write(answer)
-        self.transport.close()
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._state = "head"
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        self._state, self._head_bytes = "body", 0
-        cycle = self.cycle
-        if cycle is not None and self.scope.get("http_version") == "1.0":
-            cycle.send = _unchunked(cycle)  # type: ignore[method-assign,assignment]
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._state = "complete"
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._state == "complete":  # idle between requests: uvicorn's keep-alive timeout
-            self._state = "idle"
-            self._watch(0, None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel()
-        super().connection_lost(exc)
-
-    def send_400_response(self, msg: str) -> None:
-        # llhttp refuses Content-Length with Transfer-Encoding before the app sees it: answer
-        # as the guard does under h11 (adapter/ops_api.py), not with uvicorn's generic text.
-        # Called inside uvicorn's ``except HttpParserError``: the error says which it was.
-        reason = str(sys.exc_info()[1] or "")
-        if "Content-Length" in reason and "Transfer-Encoding" in reason and self.ambiguous:
-            self._refuse(self.ambiguous(self.url.split(b"?", 1)[0].decode("latin-1")))
-            return
-        super().send_400_response(msg)
-
-    def _request_begun(self) -> bool:
-        return self._state != "idle"
-
-    def _response_begun(self) -> bool:
-        cycle = self.cycle
-        return cycle is not None and cycle.response_started and not cycle.response_complete
-
-
 def read_deadlines(
     *,
     head_timeout: float,
@@ -273,28 +170,9 @@ def read_deadlines(
         "on_timeout": staticmethod(on_timeout),
         "ambiguous": staticmethod(ambiguous_length) if ambiguous_length else None,
     }
-    base = _HttpToolsDeadlines if parser == "httptools" else _H11Deadlines
+    base: type[asyncio.Protocol] = _H11Deadlines
+    if parser == "httptools":  # imported only here: httptools is optional (h11 the fallback)
+        from adapter.httptools_deadlines import HttpToolsDeadlines
+
+        base = HttpToolsDeadlines
     return type("ReadDeadlineProtocol", (base,), attributes)
-
-
-def _unchunked(cycle: RequestResponseCycle) -> Callable[[Any], Awaitable[None]]:
-    """The ``send`` of an HTTP/1.0 request's cycle: uvicorn's httptools cycle would chunk a
-    body without Content-Length, which an HTTP/1.0 client cannot read (RFC 9112 §6.1 forbids
-    it). The body is sent as it is instead, and ends with the connection (h11's answer)."""
-    send = cycle.send
-
-    async def send_unchunked(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            names = {name.lower() for name, _ in message.get("headers", ())}
-            if b"content-length" not in names and b"transfer-encoding" not in names:
-                cycle.chunked_encoding = False  # no chunks…
-                cycle.expected_content_length = sys.maxsize  # …and no length: until the close
-        elif (
-            message["type"] == "http.response.body"
-            and not message.get("more_body", False)
-            and cycle.expected_content_length == sys.maxsize
-        ):
-            cycle.expected_content_length = len(message.get("body", b""))  # the last piece
-        await send(message)
-
-    return send_unchunked

@@ -26,7 +26,6 @@ import logging
 import math
 import signal
 import socket
-from importlib.util import find_spec
 from types import FrameType
 
 import uvicorn
@@ -111,9 +110,17 @@ def protocol_class(settings: Settings, runtime: Runtime) -> type[asyncio.Protoco
         body_timeout=settings.body_timeout,
         body_min_rate=settings.body_min_rate,
         on_timeout=lambda phase: timed_out.labels(phase).inc(),
-        parser="httptools" if find_spec("httptools") else "h11",
+        parser="httptools" if _httptools_installed() else "h11",
         ambiguous_length=ambiguous_length_answer,
     )
+
+
+def _httptools_installed() -> bool:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

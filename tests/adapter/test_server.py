@@ -222,6 +222,41 @@ def test_cli_port_in_use_exits_3_before_registering(tmp_path: Path) -> None:
     assert "Traceback" not in output
 
 
+_WITHOUT_HTTPTOOLS = (
+    "import sys; sys.modules['httptools'] = None; "  # any import of it raises ImportError
+    "from adapter.cli import main; sys.argv[0] = 'fastchat-adapter'; sys.exit(main())"
+)
+
+
+def test_cli_serves_on_h11_where_httptools_is_not_installed(tmp_path: Path) -> None:
+    # httptools is a dependency, but an optional one for the code: h11 is the fallback.
+    with FakeWorker(ReferenceWorkerConfig(model_names=("tiny",))) as worker:
+        port = free_port()
+        command = [sys.executable, "-c", _WITHOUT_HTTPTOOLS, "serve", "--port", str(port),
+                   "--worker-address", worker.url]  # fmt: skip
+        with (tmp_path / "adapter.log").open("wb") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 20
+            while not _answers(f"http://127.0.0.1:{port}/readyz"):
+                output = (tmp_path / "adapter.log").read_text(errors="replace")
+                assert proc.poll() is None and time.monotonic() < deadline, output
+                time.sleep(0.05)
+            request = {"model": "tiny", "messages": [{"role": "human", "content": "hi"}]}
+            url = f"http://127.0.0.1:{port}/api/worker/generate_stream"
+            reply = httpx.post(url, json=request | {"max_new_tokens": 5}, timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == ExitCode.OK
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    frames = [json.loads(f) for f in reply.content.split(b"\0") if f]
+    assert reply.status_code == 200 and reply.headers["transfer-encoding"] == "chunked"
+    assert frames[-1]["finish_reason"] in ("stop", "length"), frames
+    assert "Traceback" not in (tmp_path / "adapter.log").read_text(errors="replace")
+
+
 def _startup_line(tmp_path: Path, port: int, proc: subprocess.Popen[bytes]) -> str:
     """The adapter's first log line, once it serves; then SIGTERM and a clean exit."""
     url = f"http://127.0.0.1:{port}/readyz"
