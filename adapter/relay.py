@@ -187,16 +187,31 @@ class Relay:
             """The chunks of one upstream read downstream, in one write (same bytes); runs in
             the read's own callback. True once the stream has ended."""
             nonlocal outcome
-            outputs = _outputs(translator, batch, route, newest_only=downstream.lagging)
-            for output in outputs:
-                tracker.observe(output)  # usage, finish reason, error code
-                if output.error_code:
-                    self._in_band_error(route)
-                    outcome = "error"
+            frames: list[bytes] = []
+            failed = False  # the last frame is an error (it ends the stream)
+            for chunk in batch:
+                data = translator.frame(chunk, encoder)  # the common chunk: no ModelOutput
+                if data is not None:
+                    if (usage := chunk.get("usage")) is not None:
+                        tracker.observe_usage(usage["prompt_tokens"], usage["completion_tokens"])
                 else:
-                    tracker.frame_relayed()
-            if outputs:
-                downstream.write(b"".join(map(encoder.encode, outputs)))
+                    output = _translate(translator, chunk, route)
+                    if output is None:  # after the end: dropped
+                        break
+                    tracker.observe(output)  # usage, finish reason, error code
+                    if output.error_code:
+                        self._in_band_error(route)
+                        outcome, failed = "error", True
+                    data = encoder.encode(output)
+                frames.append(data)
+                if translator.ended:
+                    break
+            if not frames:
+                return translator.ended
+            if downstream.lagging:  # only the newest: it carries the whole text so far
+                del frames[:-1]
+            tracker.frame_relayed(len(frames) - failed)
+            downstream.write(b"".join(frames))
             return translator.ended
 
         try:
@@ -252,23 +267,6 @@ def _translate(
         return translator.translate(chunk)
     except ProtocolError as exc:
         raise UpstreamError(route.worker, "malformed", f"chunk: {exc}") from exc
-
-
-def _outputs(
-    translator: StreamTranslator, batch: list[dict[str, Any]], route: Route, *, newest_only: bool
-) -> list[ModelOutput]:
-    """The frames to send for the chunks of one upstream read: all of them, or, when the client
-    is not keeping up (``newest_only``), only the newest, which carries the whole text so far.
-    Every chunk goes through the translator (its state follows each one); the frame that ends
-    the stream is always the last one returned, as it is."""
-    outputs: list[ModelOutput] = []
-    for chunk in batch:
-        output = _translate(translator, chunk, route)
-        if output is not None:
-            outputs.append(output)
-        if translator.ended:
-            break
-    return outputs[-1:] if newest_only else outputs
 
 
 def _translate_reply(reply: dict[str, Any], plan: GenerationPlan, route: Route) -> ModelOutput:

@@ -30,7 +30,7 @@ from adapter.logs import current_request, set_model
 
 if TYPE_CHECKING:
     from adapter.runtime import Runtime
-    from protocol.dbgpt import ModelOutput, Usage
+    from protocol.dbgpt import ModelOutput
 
 Outcome = Literal["ok", "rejected", "error", "client_gone"]
 
@@ -66,7 +66,7 @@ class Tracker:
         self.started = time.perf_counter()
         self._first_frame_seen = False
         self._waiting = streams  # a stream waits for its first token, then runs
-        self._usage: Usage | None = None
+        self._tokens: tuple[int, int] | None = None  # prompt, completion: the newest usage
         self._finish_reason: str | None = None
         self._done = False
         set_model(model if isinstance(model, str) else None)
@@ -82,8 +82,11 @@ class Tracker:
             return metrics.child(metrics.num_requests_waiting, self.model)
         return metrics.child(metrics.num_requests_running, self.route, self.model)
 
-    def frame_relayed(self) -> None:
-        """A frame of the upstream's output went downstream (keep-alives do not count)."""
+    def frame_relayed(self, count: int = 1) -> None:
+        """``count`` frames of the upstream's output went downstream (keep-alives and error
+        frames do not count)."""
+        if count <= 0:
+            return
         if not self._first_frame_seen:
             self._first_frame_seen = True
             elapsed = time.perf_counter() - self.started
@@ -93,17 +96,21 @@ class Tracker:
                 self._gauge().dec()
                 self._waiting = False
                 self._gauge().inc()
-        self._frames.inc()
+        self._frames.inc(count)
 
     def observe(self, output: ModelOutput) -> None:
         """A generation output on its way downstream: keep its usage (cumulative; the last
         frame may lack it), finish reason and error code."""
         if output.usage is not None:
-            self._usage = output.usage
+            self._tokens = output.usage.prompt_tokens, output.usage.completion_tokens
         if output.finish_reason:
             self._finish_reason = output.finish_reason
         if output.error_code:
             self.error_code = output.error_code
+
+    def observe_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """The usage of a frame relayed without a ``ModelOutput`` (``observe`` for the rest)."""
+        self._tokens = prompt_tokens, completion_tokens
 
     def done(self, outcome: Outcome) -> None:
         """Close the books; later calls are ignored."""
@@ -115,10 +122,10 @@ class Tracker:
         metrics.child(metrics.requests, self.route, self.model, outcome).inc()
         elapsed = time.perf_counter() - self.started
         metrics.child(metrics.e2e_request_latency, self.route, self.model).observe(elapsed)
-        if self._usage is not None:  # tokens were spent even if the client left
-            usage = self._usage
-            metrics.child(metrics.prompt_tokens, self.model).inc(usage.prompt_tokens)
-            metrics.child(metrics.generation_tokens, self.model).inc(usage.completion_tokens)
+        if self._tokens is not None:  # tokens were spent even if the client left
+            prompt_tokens, completion_tokens = self._tokens
+            metrics.child(metrics.prompt_tokens, self.model).inc(prompt_tokens)
+            metrics.child(metrics.generation_tokens, self.model).inc(completion_tokens)
         if self._finish_reason and outcome == "ok":
             success = metrics.child(metrics.request_success, self.model, self._finish_reason)
             success.inc()

@@ -210,10 +210,8 @@ class FastChatClient:
                     yield frames
                     # The decoder hands over the good frames before a bad one and keeps the
                     # error for its next call: surface it now, not after the next write.
-                    try:
-                        decoder.feed(b"")
-                    except ProtocolError as exc:
-                        raise UpstreamError(worker, "malformed", str(exc)) from exc
+                    if (failure := decoder.failure) is not None:
+                        raise UpstreamError(worker, "malformed", str(failure)) from failure
         _end_of_body(worker, decoder)
 
     def _idle(self, worker: str) -> UpstreamError:
@@ -347,10 +345,8 @@ class _LeanChunkStream(ChunkStream):
                 return
             # The decoder hands over the good frames before a bad one and keeps the error
             # for its next call: surface it now, not after the next read.
-            try:
-                decoder.feed(b"")
-            except ProtocolError as exc:
-                raise malformed(exc) from exc
+            if (failure := decoder.failure) is not None:
+                raise malformed(failure) from failure
 
         response.consume(on_piece)
         try:

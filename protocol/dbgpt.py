@@ -356,6 +356,26 @@ class FrameEncoder:
     def encode(self, output: ModelOutput) -> bytes:
         return output.to_frame(self._text, self._thinking)
 
+    def plain(self, text: str, thinking: str | None, usage: dict[str, Any] | None) -> bytes:
+        """``encode`` of a frame that neither ends the stream nor fails: ``ModelOutput(text=text,
+        error_code=0, thinking=thinking, usage=usage)`` with ``usage`` None or holding the three
+        token counts as ints; the same bytes, without building the ``ModelOutput`` (the relay
+        writes one per upstream chunk, issue 14)."""
+        if thinking is None:
+            start = '{"text":' + self._text(text)
+        else:
+            start = _CONTENT_START % (self._thinking(thinking), self._text(text))
+        if usage is None:
+            frame = _FRAME_WITHOUT_USAGE % (start, 0, "null")
+        else:
+            counts = usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]
+            frame = _FRAME_WITH_USAGE % (start, 0, "null", *counts)
+        try:
+            return frame.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: encode_frame's ASCII escapes
+            values = {"text": text, "error_code": 0, "usage": usage, "thinking": thinking}
+            return encode_frame(ModelOutput.from_values(values).to_wire())
+
 
 # ModelOutput.to_frame's templates: JSON as encode_frame writes it (compact, keys in to_wire's
 # order), the text (or content) first, the NUL terminator included.

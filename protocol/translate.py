@@ -24,7 +24,14 @@ from typing import Any, Final, Literal
 
 from protocol import dbgpt, fastchat
 from protocol.conversation import IMAGE_PLACEHOLDER, places_images, render_prompt
-from protocol.dbgpt import ExtMetadata, ModelMessage, ModelMetadata, ModelOutput, PromptRequest
+from protocol.dbgpt import (
+    ExtMetadata,
+    FrameEncoder,
+    ModelMessage,
+    ModelMetadata,
+    ModelOutput,
+    PromptRequest,
+)
 from protocol.errors import (
     ContextOverflow,
     InvalidReply,
@@ -359,6 +366,23 @@ class StreamTranslator:
                 output = output.model_copy(update={"usage": None})
         self._text = text
         return output
+
+    def frame(self, chunk: dict[str, Any], encoder: FrameEncoder) -> bytes | None:
+        """``encoder.encode(self.translate(chunk))``, without the ``ModelOutput``, for the chunks
+        relayed by the thousand: the common shape (``_plain_fields``), no finish reason, no
+        echo. The same bytes, and the translator as ``translate`` leaves it. None, with nothing
+        changed, for any other chunk: it goes through ``translate``."""
+        if self._ended or self._context is not None:
+            return None
+        fields = _plain_fields(chunk)
+        if fields is None or fields[1]:  # a finish reason ("" counts as none) ends the stream
+            return None
+        text, _, usage = fields
+        self._text = text
+        if self._reasoning is None:
+            return encoder.plain(self._prefix + text, None, usage)
+        split = self._reasoning.feed(text)
+        return encoder.plain(self._prefix + split.answer, split.thinking, usage)
 
     def finish(self) -> ModelOutput | None:
         """At a clean end of the upstream body: None if the stream already ended properly.

@@ -249,3 +249,79 @@ def test_error_offset_points_at_the_bad_frame(junk: bytes) -> None:
         assert exc.offset == len(prefix)
     else:  # the junk happened to be a JSON object
         assert isinstance(decoded[-1], dict) and len(decoded) == 2
+
+
+# --- the decode: json's scanner direct for the common frame, json.loads for the rest ---------
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _as_json_loads_sees_it(raw: bytes) -> str:
+    """What the decoder must give for ``raw``: ``json.loads``'s object (its repr: int and float,
+    -0.0 and nan told apart), or the error it raises, as the pre-scanner decoder worded it."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        return "error: frame nests too deeply"
+    except ValueError as exc:
+        return f"error: frame is not UTF-8 JSON: {exc}"
+    if not isinstance(obj, dict):
+        return f"error: frame is a JSON {type(obj).__name__}, not an object"
+    return repr(obj)
+
+
+def _decoded(raw: bytes) -> str:
+    decoder = FrameDecoder()
+    try:
+        [obj] = decoder.feed(raw + b"\0")
+    except FramingError as exc:
+        return "error: " + str(exc).rsplit(" (frame at stream offset", 1)[0]
+    return repr(obj)
+
+
+@settings(max_examples=400)
+@given(
+    value=st.dictionaries(st.text(), _JSON_VALUES, max_size=6),
+    ascii_only=st.booleans(),
+    indent=st.sampled_from([None, 0, 2]),
+    around=st.sampled_from(["", " ", "\n", "\t ", "\ufeff"]),
+    tail=st.sampled_from(["", " ", "x", "}", ",{}", "\r\n"]),
+)
+def test_decode_is_json_loads_for_any_object_and_anything_around_it(
+    value: dict[str, Any], ascii_only: bool, indent: int | None, around: str, tail: str
+) -> None:
+    text = around + json.dumps(value, ensure_ascii=ascii_only, indent=indent) + tail
+    raw = text.encode("utf-8", "surrogatepass")
+    assert _decoded(raw) == _as_json_loads_sees_it(raw)
+
+
+@settings(max_examples=400)
+@given(raw=st.binary(min_size=1, max_size=60).filter(lambda b: b"\0" not in b))
+def test_decode_is_json_loads_for_any_bytes(raw: bytes) -> None:
+    assert _decoded(b"{" + raw) == _as_json_loads_sees_it(b"{" + raw)
+    assert _decoded(raw) == _as_json_loads_sees_it(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"a": 123456789012345678901234567890}', b'{"a": NaN, "b": -Infinity}', b'{"a": 1e400}',
+     b'{"a": "\\ud800"}', b'{"a": 1, "a": 2}', b'{"a": 1} ', b'{"a": 1}}', b'{"a": 1} {}',
+     b"{" * 5000 + b"}" * 5000, b'{"a": "\xff"}'],
+)  # fmt: skip
+def test_decode_of_the_edges_json_loads_decides(raw: bytes) -> None:
+    assert _decoded(raw) == _as_json_loads_sees_it(raw)
+
+
+def test_failure_is_the_error_kept_for_the_next_feed() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(b'{"a": 1}\0[]\0') == [{"a": 1}]
+    kept = decoder.failure
+    assert kept is not None and kept.offset == len(b'{"a": 1}\0')
+    with pytest.raises(FramingError) as caught:
+        decoder.feed(b"")
+    assert caught.value is kept
+    assert FrameDecoder().failure is None

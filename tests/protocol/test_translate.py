@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protocol.translate
-from protocol.dbgpt import EmbeddingsRequest, ModelMessage, PromptRequest
+from protocol.dbgpt import EmbeddingsRequest, FrameEncoder, ModelMessage, PromptRequest
 from protocol.errors import (
     ContextOverflow,
     InvalidReply,
@@ -37,6 +37,7 @@ from protocol.translate import (
     request_images,
     translate_reply,
 )
+from protocol.translate import _plain_fields as _plain_fields
 from tests.protocol.helpers import GOLDEN_FILES, GoldenCase, golden_cases, wire_text
 from tests.protocol.test_dbgpt import CHAT_8_2, COMPLETION_8_3
 from tests.protocol.test_fastchat import ERROR_CHUNK, STREAM_CHUNKS
@@ -580,9 +581,11 @@ RULE = st.none() | st.builds(
 
 
 @st.composite
-def streams(draw: st.DrawFn) -> list[dict[str, Any]]:
+def streams(
+    draw: st.DrawFn, chunk: st.SearchStrategy[dict[str, Any]] = CHUNK
+) -> list[dict[str, Any]]:
     """A few chunks; often the last one again with a finish reason (usage dropped, §9.3)."""
-    chunks = draw(st.lists(CHUNK, min_size=1, max_size=6))
+    chunks = draw(st.lists(chunk, min_size=1, max_size=6))
     if draw(st.booleans()):
         chunks.append({**chunks[-1], "finish_reason": draw(st.sampled_from(["stop", "length"]))})
     return chunks
@@ -670,3 +673,76 @@ def test_uncommon_chunks_go_through_chunk_from_wire(
     with contextlib.suppress(ProtocolError):
         StreamTranslator().translate(chunk)
     assert parsed == [chunk]
+
+
+# --- StreamTranslator.frame: the common chunk straight to its frame bytes (issue 14) ---------
+
+
+def _relayed(translator: StreamTranslator, encoder: FrameEncoder, chunk: dict[str, Any]) -> object:
+    """A chunk as the relay takes it: ``frame`` first, ``translate`` when it declines."""
+    data = translator.frame(chunk, encoder)
+    if data is not None:
+        return data
+    try:
+        output = translator.translate(chunk)
+    except ProtocolError as exc:
+        return type(exc), str(exc), exc.error_code
+    return None if output is None else encoder.encode(output)
+
+
+INT_COUNT = st.integers(min_value=-(2**70), max_value=2**70)
+COMMON_CHUNK = st.fixed_dictionaries(
+    {"text": wire_text()},
+    optional={
+        "error_code": st.just(0),
+        "usage": st.none()
+        | st.fixed_dictionaries(
+            {key: INT_COUNT for key in ("prompt_tokens", "completion_tokens", "total_tokens")},
+            optional={"cached_tokens": INT_COUNT},
+        ),
+        "finish_reason": st.sampled_from([None, ""]),
+        "logprobs": st.none(),
+    },
+)
+
+
+@settings(max_examples=600)
+@given(
+    echo_prompt=st.none() | st.none() | wire_text(),
+    reasoning=RULE,
+    stream=streams(COMMON_CHUNK | COMMON_CHUNK | CHUNK),
+)
+def test_frame_is_translate_then_encode_byte_for_byte(
+    echo_prompt: str | None, reasoning: ReasoningRule | None, stream: list[dict[str, Any]]
+) -> None:
+    lane = StreamTranslator(echo_prompt=echo_prompt, reasoning=reasoning)
+    generic = StreamTranslator(echo_prompt=echo_prompt, reasoning=reasoning)
+    lane_encoder = FrameEncoder()
+    for chunk in stream:
+        expected = _outcome(generic, chunk, fast=False)
+        common = (
+            echo_prompt is None
+            and not lane.ended
+            and _plain_fields(chunk) is not None
+            and not chunk.get("finish_reason")
+        )
+        data = lane.frame(chunk, lane_encoder) if common else None
+        assert (data is not None) == common  # the lane takes exactly the common chunks
+        got = data if data is not None else _relayed(lane, lane_encoder, chunk)
+        if isinstance(expected, tuple) and len(expected) == 2:  # (output, its frame)
+            expected = expected[1]
+        assert got == expected
+        assert lane.ended == generic.ended
+    assert lane.finish() == generic.finish()  # the same state: the same closing frame
+
+
+def test_frame_declines_without_changing_anything() -> None:
+    translator = StreamTranslator(reasoning=ReasoningRule())
+    encoder = FrameEncoder()
+    assert translator.frame({"text": "<think>a", "finish_reason": "stop"}, encoder) is None
+    assert translator.frame({"text": "<think>a", "error_code": 1}, encoder) is None
+    assert translator.frame({"text": "<think>a</think>b", "usage": None}, encoder) == (
+        b'{"content":[{"object":{"data":"a","format":"text"},"type":"thinking"},'
+        b'{"object":{"data":"b","format":"text"},"type":"text"}],"error_code":0,'
+        b'"model_context":null,"finish_reason":null,"usage":null,"metrics":null}\0'
+    )
