@@ -210,8 +210,9 @@ class Relay:
                 return translator.ended
             if downstream.lagging:  # only the newest: it carries the whole text so far
                 del frames[:-1]
-            tracker.frame_relayed(len(frames) - failed)
-            downstream.write(b"".join(frames))
+            relayed = len(frames) - failed
+            superseded = downstream.write(b"".join(frames), relayed)
+            tracker.frame_relayed(relayed - superseded)
             return translator.ended
 
         try:

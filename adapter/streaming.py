@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Final, cast
+from typing import Any, ClassVar, Final, cast
 
 import h11
 from starlette.responses import Response
@@ -97,7 +97,7 @@ class Downstream:
     never a queue. ``lagging`` tells the producer so, which then sends only the newest frame of
     each upstream read. ``flush`` waits until everything kept has gone out."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._send = send
         self._transport = _chunked_transport(send)
         self._cycle = getattr(send, "__self__", None)
@@ -105,8 +105,9 @@ class Downstream:
         # the high-water mark: the client is not reading fast enough); any other server: none.
         flow = getattr(self._cycle, "flow", None)
         self._flow = flow if hasattr(flow, "write_paused") else None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()
         self._kept: list[bytes] = []
+        self._kept_frames = 0  # of output in _kept
         self._flusher: asyncio.Task[None] | None = None
         self.last_sent = self._loop.time()
 
@@ -118,17 +119,24 @@ class Downstream:
         """The client is not taking what was written (what comes now is kept, not sent)."""
         return bool(self._kept) or self._paused()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, frames: int = 0) -> int:
+        """Send ``data`` (``frames`` frames of output); returns how many frames written before
+        and still kept it supersedes: they will never be sent."""
         self.last_sent = self._loop.time()
+        superseded = 0
         if self.lagging:
+            superseded = self._kept_frames
             self._kept[:] = [data]  # the newest frame supersedes the ones kept (see above)
+            self._kept_frames = frames
         elif self._transport is None:
             self._kept.append(data)  # sent by the flusher, at once unless the client lags
+            self._kept_frames += frames
         else:
             self._write_chunk(data)
-            return
+            return 0
         if self._flusher is None or self._flusher.done():
             self._flusher = self._loop.create_task(self._flush())
+        return superseded
 
     def keepalive(self, interval: float) -> None:
         """An empty frame, unless something was written in the last ``interval`` seconds or
@@ -154,6 +162,7 @@ class Downstream:
                 continue  # newer data may have replaced what was kept meanwhile
             data = b"".join(self._kept)
             self._kept.clear()
+            self._kept_frames = 0
             if self._transport is not None:
                 self._write_chunk(data)
             else:
@@ -179,8 +188,7 @@ class _KeepaliveClock:
         self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
-    def of(cls, interval: float) -> _KeepaliveClock:
-        loop = asyncio.get_running_loop()
+    def of(cls, interval: float, loop: asyncio.AbstractEventLoop) -> _KeepaliveClock:
         clock = cls._clocks.get((loop, interval))
         if clock is None:
             clock = cls._clocks[(loop, interval)] = cls(loop, interval)
@@ -228,9 +236,9 @@ class GoingAway:
                 watcher.set_result(None)
         self._watchers.clear()
 
-    def watch(self) -> asyncio.Future[None]:
+    def watch(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """A future done when the cut comes (at once if it came already)."""
-        watcher = asyncio.get_running_loop().create_future()
+        watcher = loop.create_future()
         if self.is_cut:
             watcher.set_result(None)
         else:
@@ -241,7 +249,27 @@ class GoingAway:
         self._watchers.discard(watcher)
 
 
-Producer = Callable[[Downstream], Awaitable[Outcome]]
+Producer = Callable[[Downstream], Coroutine[Any, Any, Outcome]]
+
+
+async def first_done(
+    loop: asyncio.AbstractEventLoop, futures: Sequence[asyncio.Future[Any]]
+) -> None:
+    """Until one of ``futures`` is done: ``asyncio.wait(..., FIRST_COMPLETED)`` without its
+    sets and its own loop lookup."""
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        for future in futures:
+            future.remove_done_callback(wake)
 
 
 class FrameStreamResponse(Response):
@@ -269,15 +297,17 @@ class FrameStreamResponse(Response):
         writer: Downstream | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": []})
-            writer = Downstream(scope.get(RAW_SEND, send))
-            work = asyncio.ensure_future(self._producer(writer))
-            gone = asyncio.ensure_future(wait_for_disconnect(receive))
-            closing = self._going_away.watch()
+            # The loop, looked up once: on Python 3.11 every lookup is a getpid() system call.
+            loop = asyncio.get_running_loop()
+            writer = Downstream(scope.get(RAW_SEND, send), loop)
+            work = loop.create_task(self._producer(writer))
+            gone = loop.create_task(wait_for_disconnect(receive))
+            closing = self._going_away.watch(loop)
             tasks = (work, gone, closing)
-            clock = _KeepaliveClock.of(self._keepalive_interval)
+            clock = _KeepaliveClock.of(self._keepalive_interval, loop)
             clock.add(writer)
             try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                await first_done(loop, tasks)
             finally:
                 clock.discard(writer)
                 self._going_away.unwatch(closing)

@@ -38,6 +38,9 @@ Outcome = Literal["ok", "rejected", "error", "client_gone"]
 # strings cannot grow the metrics without bound.
 UNKNOWN_MODEL: Final = "unknown"
 
+FRAMES_PER_INC: Final = 32
+"""Frames relayed between two increments of ``frames_relayed`` (and at the end of a request)."""
+
 
 def model_label(runtime: Runtime, model: object) -> str:
     """``model`` if a worker serves (or served) it, ``""`` for a request without one, else
@@ -73,6 +76,7 @@ class Tracker:
         self._context = current_request()
         metrics = runtime.metrics
         self._frames = metrics.child(metrics.frames_relayed, self.model)
+        self._unsent_frames = 0  # relayed, not yet added to _frames
         runtime.inflight.enter()
         self._gauge().inc()
 
@@ -84,10 +88,9 @@ class Tracker:
 
     def frame_relayed(self, count: int = 1) -> None:
         """``count`` frames of the upstream's output went downstream (keep-alives and error
-        frames do not count)."""
-        if count <= 0:
-            return
-        if not self._first_frame_seen:
+        frames do not count); negative for frames counted before that were superseded while
+        kept for a slow client (``Downstream.write``), never sent."""
+        if count > 0 and not self._first_frame_seen:
             self._first_frame_seen = True
             elapsed = time.perf_counter() - self.started
             metrics = self.runtime.metrics
@@ -96,7 +99,12 @@ class Tracker:
                 self._gauge().dec()
                 self._waiting = False
                 self._gauge().inc()
-        self._frames.inc(count)
+        # Counted in batches: a counter's inc takes its lock, and the relay calls this for
+        # nearly every upstream read. A scrape may miss an open stream's last few frames.
+        self._unsent_frames += count
+        if self._unsent_frames >= FRAMES_PER_INC:
+            self._frames.inc(self._unsent_frames)
+            self._unsent_frames = 0
 
     def observe(self, output: ModelOutput) -> None:
         """A generation output on its way downstream: keep its usage (cumulative; the last
@@ -118,6 +126,9 @@ class Tracker:
             return
         self._done = True
         metrics = self.runtime.metrics
+        if self._unsent_frames > 0:
+            self._frames.inc(self._unsent_frames)
+            self._unsent_frames = 0
         self._gauge().dec()
         metrics.child(metrics.requests, self.route, self.model, outcome).inc()
         elapsed = time.perf_counter() - self.started

@@ -262,3 +262,24 @@ async def test_an_http_1_0_client_gets_the_same_frames_unchunked(
     assert body10 == _dechunk(body11)
     frames, _ = split(body10)
     assert len(frames) > 2 and frames[-1]["finish_reason"] == "length"
+
+
+async def test_frames_superseded_while_kept_are_reported_never_sent() -> None:
+    # An ASGI server without a socket to write on (this one's send only records): written
+    # data waits for the flusher, and newer data written meanwhile supersedes it.
+    sent: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message.get("body", b""))
+
+    writer = streaming.Downstream(send)
+    assert writer.write(b"a\0", 1) == 0  # kept for the flusher: the client is now behind
+    assert writer.lagging
+    assert writer.write(b"b\0c\0", 2) == 1  # supersedes "a", sent never
+    assert writer.write(b"d\0", 1) == 2
+    await writer.flush()
+    assert sent == [b"d\0"]
+    assert writer.write(b"e\0", 1) == 0
+    await writer.flush()
+    assert sent == [b"d\0", b"e\0"]
+    await writer.close()
