@@ -159,8 +159,9 @@ class Relay:
 
     # --- /generate_stream ---------------------------------------------------------------
     def _emit(self, downstream: Downstream, output: ModelOutput) -> None:
+        """The stream's last frame (an error, or the closing frame ``finish`` owes)."""
         self.tracker.observe(output)  # usage, finish reason, error code
-        downstream.write(frame(output))
+        downstream.write(frame(output), last=True)
 
     async def stream(self, downstream: Downstream) -> Outcome:
         """Produce every frame of the answer (see ``FrameStreamResponse``)."""
@@ -211,7 +212,7 @@ class Relay:
             if downstream.lagging:  # only the newest: it carries the whole text so far
                 del frames[:-1]
             relayed = len(frames) - failed
-            superseded = downstream.write(b"".join(frames), relayed)
+            superseded = downstream.write(b"".join(frames), relayed, last=translator.ended)
             tracker.frame_relayed(relayed - superseded)
             return translator.ended
 

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Final, cast
 
 import h11
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapter.tracking import Outcome
 from protocol.framing import KEEPALIVE
@@ -106,6 +106,9 @@ class Downstream:
         flow = getattr(self._cycle, "flow", None)
         self._flow = flow if hasattr(flow, "write_paused") else None
         self._loop = loop or asyncio.get_running_loop()
+        self._head = b""  # the response head, held to go out with the first chunk
+        self._body_ended = False  # the last chunk is out: nothing more is written
+        self._head_timer: asyncio.TimerHandle | None = None
         self._kept: list[bytes] = []
         self._kept_frames = 0  # of output in _kept
         self._flusher: asyncio.Task[None] | None = None
@@ -119,9 +122,13 @@ class Downstream:
         """The client is not taking what was written (what comes now is kept, not sent)."""
         return bool(self._kept) or self._paused()
 
-    def write(self, data: bytes, frames: int = 0) -> int:
+    def write(self, data: bytes, frames: int = 0, *, last: bool = False) -> int:
         """Send ``data`` (``frames`` frames of output); returns how many frames written before
-        and still kept it supersedes: they will never be sent."""
+        and still kept it supersedes: they will never be sent. ``last``: nothing but the end
+        of the body follows, which then goes out in the same write when the client keeps up
+        (``finish``); anything written after that is dropped."""
+        if self._body_ended:
+            return 0
         self.last_sent = self._loop.time()
         superseded = 0
         if self.lagging:
@@ -132,7 +139,7 @@ class Downstream:
             self._kept.append(data)  # sent by the flusher, at once unless the client lags
             self._kept_frames += frames
         else:
-            self._write_chunk(data)
+            self._write_chunk(data, last)
             return 0
         if self._flusher is None or self._flusher.done():
             self._flusher = self._loop.create_task(self._flush())
@@ -149,11 +156,45 @@ class Downstream:
         while self._flusher is not None and not self._flusher.done():
             await asyncio.shield(self._flusher)
 
-    def _write_chunk(self, data: bytes) -> None:
+    def hold_head(self, head: bytes) -> None:
+        """Send the response ``head`` (its bytes, written by nobody yet) with the first chunk, in
+        one write: one system call and one wake-up of the client less per response. At most
+        ``HEAD_HOLD`` seconds: a slow first frame does not keep the client without its head."""
+        if self._transport is None:  # chunks go through the server's send: the head first
+            self._write_raw(head)
+            return
+        self._head = head
+        self._head_timer = self._loop.call_later(HEAD_HOLD, self.release_head)
+
+    def release_head(self) -> None:
+        """The held head, now (before anything that the server itself writes)."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        head, self._head = self._head, b""
+        if head:
+            self._write_raw(head)
+
+    def _write_raw(self, data: bytes) -> None:
+        transport = getattr(self._cycle, "transport", None)
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _write_chunk(self, data: bytes, last: bool = False) -> None:
         transport = self._transport
         assert transport is not None
         if not transport.is_closing() and not getattr(self._cycle, "disconnected", False):
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            chunk = b"%x\r\n%b\r\n" % (len(data), data)
+            if last:  # the body's end with it: one write, one wake-up of the client less
+                chunk += _LAST_CHUNK
+                self._body_ended = True
+            if self._head:
+                chunk = self._head + chunk
+                self._head = b""
+                if self._head_timer is not None:
+                    self._head_timer.cancel()
+                    self._head_timer = None
+            transport.write(chunk)
 
     async def _flush(self) -> None:
         while self._kept:
@@ -168,7 +209,26 @@ class Downstream:
             else:
                 await self._send({"type": "http.response.body", "body": data, "more_body": True})
 
+    async def finish(self, send: Send) -> None:
+        """End the body: ``http.response.body`` with ``more_body`` false through ``send``, the
+        middlewares see it as ever. When the last chunk took the body's end with it, the
+        server's own end (the same bytes) is not written again."""
+        end: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+        await self.flush()  # what a slow client has not taken yet, then the end
+        self.release_head()
+        if not self._body_ended:
+            await send(end)
+            return
+        cycle = self._cycle  # (the body ends early only on the direct chunk path: uvicorn's)
+        assert cycle is not None
+        held = await _send_held(send, cycle, end)
+        if held.data != _LAST_CHUNK:  # (only if a server wrote its end otherwise)
+            self._write_raw(held.data)
+        if held.closing:
+            cycle.transport.close()
+
     async def close(self) -> None:
+        self.release_head()  # (nothing is written to a client that has gone)
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -249,7 +309,59 @@ class GoingAway:
         self._watchers.discard(watcher)
 
 
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+HEAD_HOLD: Final = 0.02
+"""Seconds a stream's response head may wait for its first chunk, to go out in one write."""
+
 Producer = Callable[[Downstream], Coroutine[Any, Any, Outcome]]
+
+
+class _Held:
+    """Stands in for uvicorn's transport while its cycle writes: keeps what it writes, and
+    whether it asked for a close (a connection not kept alive, after its last response)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.data = b""
+        self.closing = False
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closing or bool(self._transport.is_closing())
+
+    def close(self) -> None:
+        self.closing = True
+
+
+async def _send_held(send: Send, cycle: Any, message: Message) -> _Held:
+    """``await send(message)`` with uvicorn's ``cycle`` writing nowhere: what it would have
+    written (and closed) is the caller's to write (and close)."""
+    transport = cycle.transport
+    held = _Held(transport)
+    cycle.transport = held
+    try:
+        await send(message)  # (the cycle awaits nothing while its client is not behind)
+    finally:
+        cycle.transport = transport
+    return held
+
+
+async def _start_held(send: Send, raw_send: Send) -> bytes:
+    """Send ``http.response.start`` (status 200) through ``send`` (the middlewares see it as
+    ever). Under uvicorn's cycle the bytes of the head are returned instead of written, for
+    ``Downstream.hold_head``; anywhere else, or when the client is already behind, the head
+    is written as usual and b"" returned."""
+    start: Message = {"type": "http.response.start", "status": 200, "headers": []}
+    cycle = getattr(raw_send, "__self__", None)
+    flow = getattr(cycle, "flow", None)
+    if not hasattr(getattr(cycle, "transport", None), "is_closing") or getattr(
+        flow, "write_paused", True
+    ):
+        await send(start)
+        return b""
+    return (await _send_held(send, cycle, start)).data
 
 
 async def first_done(
@@ -296,10 +408,13 @@ class FrameStreamResponse(Response):
         outcome: Outcome = "client_gone"
         writer: Downstream | None = None
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": []})
+            raw_send = scope.get(RAW_SEND, send)
+            head = await _start_held(send, raw_send)
             # The loop, looked up once: on Python 3.11 every lookup is a getpid() system call.
             loop = asyncio.get_running_loop()
-            writer = Downstream(scope.get(RAW_SEND, send), loop)
+            writer = Downstream(raw_send, loop)
+            if head:
+                writer.hold_head(head)
             work = loop.create_task(self._producer(writer))
             gone = loop.create_task(wait_for_disconnect(receive))
             closing = self._going_away.watch(loop)
@@ -322,11 +437,10 @@ class FrameStreamResponse(Response):
             elif cut:
                 outcome = "error"
                 self._going_away.on_cut()
-                writer.write(self._going_away.farewell)
+                writer.write(self._going_away.farewell, last=True)
             else:  # the client left: nothing more to send
                 return
-            await writer.flush()  # what a slow client has not taken yet, then the end
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await writer.finish(send)
         finally:
             if writer is not None:
                 await writer.close()

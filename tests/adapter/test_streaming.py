@@ -11,16 +11,21 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from adapter import streaming
 from adapter.tools.reference_worker import ReferenceWorkerConfig
 from adapter.tools.reference_worker import create_app as reference_app
+from adapter.tracking import Outcome
 from tests.adapter.helpers import (
     MODEL,
     STREAM,
@@ -283,3 +288,106 @@ async def test_frames_superseded_while_kept_are_reported_never_sent() -> None:
     await writer.flush()
     assert sent == [b"d\0", b"e\0"]
     await writer.close()
+
+
+# --- the response head goes out with the first chunk, in one write -------------------------
+
+
+class _Writes:
+    """What uvicorn's protocol uses of a transport, in memory; each write kept apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, bytes]] = []
+        self.closed = False
+
+    def get_extra_info(self, name: str) -> object:
+        return ("127.0.0.1", 9) if name in ("sockname", "peername") else None
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((time.monotonic(), data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _one_frame_stream(
+    first_frame_after: float, *, last: bool = True, request_headers: bytes = b""
+) -> tuple[float, _Writes]:
+    """A FrameStreamResponse writing one frame after ``first_frame_after`` s (``last``: the
+    stream's last), then a keep-alive, served by uvicorn's httptools protocol on an in-memory
+    transport: when the request was fed, and the transport with every write of the answer."""
+
+    async def producer(writer: streaming.Downstream) -> Outcome:
+        await asyncio.sleep(first_frame_after)
+        writer.write(b'{"a":1}\0', 1, last=last)
+        writer.write(streaming.KEEPALIVE)  # dropped after the last frame
+        return "ok"
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await receive()
+            respond = streaming.FrameStreamResponse(
+                producer, keepalive_interval=60, on_done=lambda outcome: None
+            )
+            await respond(scope, receive, send)
+
+    config = uvicorn.Config(streaming.expose_raw_send(app), log_config=None)
+    config.load()
+    sock = _Writes()
+    protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+    protocol.connection_made(cast(asyncio.Transport, sock))
+    fed = time.monotonic()
+    protocol.data_received(
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n" + request_headers + b"\r\n"
+    )
+    await eventually(lambda: bool(sock.writes) and sock.writes[-1][1].endswith(b"0\r\n\r\n"))
+    await asyncio.sleep(0.05)  # anything written after the end would be here now
+    closed_by_the_server = sock.closed
+    protocol.connection_lost(None)
+    sock.closed = closed_by_the_server
+    return fed, sock
+
+
+FRAME_CHUNK = b"8\r\n" + b'{"a":1}\0' + b"\r\n"
+
+
+async def test_a_prompt_last_frame_is_the_whole_answer_in_one_write() -> None:
+    _, sock = await _one_frame_stream(0.0)
+    [(_, answer)] = sock.writes  # head, the frame's chunk, the body's end: one system call
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"transfer-encoding: chunked" in head
+    assert body == FRAME_CHUNK + b"0\r\n\r\n"
+    assert not sock.closed  # kept alive
+
+
+async def test_a_frame_not_the_last_goes_with_the_head_and_the_end_after() -> None:
+    _, sock = await _one_frame_stream(0.0, last=False)
+    (_, first), *rest = sock.writes
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert first.endswith(b"\r\n\r\n" + FRAME_CHUNK)
+    assert b"".join(data for _, data in rest) == b"1\r\n\0\r\n0\r\n\r\n"  # keep-alive, end
+
+
+async def test_the_head_waits_no_longer_than_head_hold_for_a_slow_first_frame() -> None:
+    fed, sock = await _one_frame_stream(0.3)
+    [(at, head), (_, rest)] = sock.writes
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    assert at - fed < streaming.HEAD_HOLD + 0.15  # not at the first frame, 0.3 s in
+    assert rest == FRAME_CHUNK + b"0\r\n\r\n"
+
+
+async def test_a_connection_not_kept_alive_closes_after_the_answer() -> None:
+    _, sock = await _one_frame_stream(0.0, request_headers=b"connection: close\r\n")
+    [(_, answer)] = sock.writes
+    assert answer.endswith(b"connection: close\r\ntransfer-encoding: chunked\r\n\r\n"
+                           + FRAME_CHUNK + b"0\r\n\r\n")  # fmt: skip
+    assert sock.closed
