@@ -130,6 +130,10 @@ class Downstream:
         if self._body_ended:
             return 0
         self.last_sent = self._loop.time()
+        flow = self._flow
+        if not self._kept and self._transport is not None and not (flow and flow.write_paused):
+            self._write_chunk(data, last)  # the client keeps up: the common case, at once
+            return 0
         superseded = 0
         if self.lagging:
             superseded = self._kept_frames

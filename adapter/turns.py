@@ -62,7 +62,8 @@ class FairShare:
     def spend(self, seconds: float, transport: asyncio.Transport, *, first: bool = False) -> None:
         """A stream read took ``seconds``; past the turn's slice its transport waits, unless
         the read was before the stream's ``first`` frame (a new request's, never held back)."""
-        self._open_turn()
+        if not self._turn_open:
+            self._open_turn()
         self._spent += seconds
         if self._spent <= TURN_SLICE or first or transport.is_closing():
             return

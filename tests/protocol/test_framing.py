@@ -325,3 +325,27 @@ def test_failure_is_the_error_kept_for_the_next_feed() -> None:
         decoder.feed(b"")
     assert caught.value is kept
     assert FrameDecoder().failure is None
+
+
+def _fed(decoder: FrameDecoder, piece: bytes | bytearray) -> object:
+    try:
+        return decoder.feed(piece), decoder.offset, decoder.bytes_scanned
+    except FramingError as exc:
+        return str(exc), exc.offset, decoder.offset, decoder.bytes_scanned
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.one_of(
+            st.dictionaries(st.text(max_size=5), _JSON_VALUES, max_size=3).map(json.dumps),
+            st.sampled_from(["", "[]", "{", "x" * 70, '{"a": 1} ', " {}"]),
+        ).map(lambda text: text.encode("utf-8", "surrogatepass") + b"\0"),
+        max_size=8,
+    )
+)
+def test_a_read_of_one_whole_frame_decodes_as_any_other_read(frames: list[bytes]) -> None:
+    # bytes of exactly one frame take a shorter way than the buffer (FrameDecoder._one_frame)
+    direct, buffered = FrameDecoder(max_frame_bytes=64), FrameDecoder(max_frame_bytes=64)
+    for frame in frames:
+        assert _fed(direct, frame) == _fed(buffered, bytearray(frame))
