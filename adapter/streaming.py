@@ -139,12 +139,9 @@ class Downstream:
             superseded = self._kept_frames
             self._kept[:] = [data]  # the newest frame supersedes the ones kept (see above)
             self._kept_frames = frames
-        elif self._transport is None:
-            self._kept.append(data)  # sent by the flusher, at once unless the client lags
+        else:  # no socket to write on: sent by the flusher, at once unless the client lags
+            self._kept.append(data)
             self._kept_frames += frames
-        else:
-            self._write_chunk(data, last)
-            return 0
         if self._flusher is None or self._flusher.done():
             self._flusher = self._loop.create_task(self._flush())
         return superseded
@@ -172,12 +169,16 @@ class Downstream:
 
     def release_head(self) -> None:
         """The held head, now (before anything that the server itself writes)."""
+        if head := self._take_head():
+            self._write_raw(head)
+
+    def _take_head(self) -> bytes:
+        """The held head (b"" if none), no longer held."""
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
         head, self._head = self._head, b""
-        if head:
-            self._write_raw(head)
+        return head
 
     def _write_raw(self, data: bytes) -> None:
         transport = getattr(self._cycle, "transport", None)
@@ -193,11 +194,7 @@ class Downstream:
                 chunk += _LAST_CHUNK
                 self._body_ended = True
             if self._head:
-                chunk = self._head + chunk
-                self._head = b""
-                if self._head_timer is not None:
-                    self._head_timer.cancel()
-                    self._head_timer = None
+                chunk = self._take_head() + chunk
             transport.write(chunk)
 
     async def _flush(self) -> None:
