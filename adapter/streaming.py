@@ -108,7 +108,6 @@ class Downstream:
         self._loop = loop or asyncio.get_running_loop()
         self._head = b""  # the response head, held to go out with the first chunk
         self._body_ended = False  # the last chunk is out: nothing more is written
-        self._head_timer: asyncio.TimerHandle | None = None
         self._kept: list[bytes] = []
         self._kept_frames = 0  # of output in _kept
         self._flusher: asyncio.Task[None] | None = None
@@ -158,14 +157,18 @@ class Downstream:
             await asyncio.shield(self._flusher)
 
     def hold_head(self, head: bytes) -> None:
-        """Send the response ``head`` (its bytes, written by nobody yet) with the first chunk, in
-        one write: one system call and one wake-up of the client less per response. At most
-        ``HEAD_HOLD`` seconds: a slow first frame does not keep the client without its head."""
+        """Send the response ``head`` (its bytes, written by nobody yet) once the callbacks
+        ready now have run, or with the first chunk if one is written before that (in one
+        write). ``FrameStreamResponse`` calls it just after creating the producer's task, whose
+        first step is one of those callbacks: the head goes out when the producer first waits,
+        its upstream request already sent, so neither the head's write nor the client's wake-up
+        is on the way to the worker; and an answer made without waiting (a request refused at
+        once) is a single write."""
         if self._transport is None:  # chunks go through the server's send: the head first
             self._write_raw(head)
             return
         self._head = head
-        self._head_timer = self._loop.call_later(HEAD_HOLD, self.release_head)
+        self._loop.call_soon(self.release_head)
 
     def release_head(self) -> None:
         """The held head, now (before anything that the server itself writes)."""
@@ -174,9 +177,6 @@ class Downstream:
 
     def _take_head(self) -> bytes:
         """The held head (b"" if none), no longer held."""
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
         head, self._head = self._head, b""
         return head
 
@@ -311,8 +311,6 @@ class GoingAway:
 
 
 _LAST_CHUNK: Final = b"0\r\n\r\n"
-HEAD_HOLD: Final = 0.02
-"""Seconds a stream's response head may wait for its first chunk, to go out in one write."""
 
 Producer = Callable[[Downstream], Coroutine[Any, Any, Outcome]]
 
@@ -414,9 +412,9 @@ class FrameStreamResponse(Response):
             # The loop, looked up once: on Python 3.11 every lookup is a getpid() system call.
             loop = asyncio.get_running_loop()
             writer = Downstream(raw_send, loop)
-            if head:
-                writer.hold_head(head)
             work = loop.create_task(self._producer(writer))
+            if head:  # after the producer's first step (see hold_head)
+                writer.hold_head(head)
             gone = loop.create_task(wait_for_disconnect(receive))
             closing = self._going_away.watch(loop)
             tasks = (work, gone, closing)

@@ -290,7 +290,7 @@ async def test_frames_superseded_while_kept_are_reported_never_sent() -> None:
     await writer.close()
 
 
-# --- the response head goes out with the first chunk, in one write -------------------------
+# --- the response head: after the producer's first step, or with its first chunk -----------
 
 
 class _Writes:
@@ -320,14 +320,24 @@ class _Writes:
 
 
 async def _one_frame_stream(
-    first_frame_after: float, *, last: bool = True, request_headers: bytes = b""
+    first_frame_after: float | None,
+    *,
+    last: bool = True,
+    request_headers: bytes = b"",
+    writes_at_first_step: list[int] | None = None,
 ) -> tuple[float, _Writes]:
-    """A FrameStreamResponse writing one frame after ``first_frame_after`` s (``last``: the
-    stream's last), then a keep-alive, served by uvicorn's httptools protocol on an in-memory
-    transport: when the request was fed, and the transport with every write of the answer."""
+    """A FrameStreamResponse writing one frame after ``first_frame_after`` s (None: without
+    waiting at all; ``last``: the stream's last), then a keep-alive, served by uvicorn's
+    httptools protocol on an in-memory transport: when the request was fed, and the transport
+    with every write of the answer. ``writes_at_first_step`` gets how many writes the
+    transport had when the producer started."""
+    sock = _Writes()
 
     async def producer(writer: streaming.Downstream) -> Outcome:
-        await asyncio.sleep(first_frame_after)
+        if writes_at_first_step is not None:
+            writes_at_first_step.append(len(sock.writes))
+        if first_frame_after is not None:
+            await asyncio.sleep(first_frame_after)
         writer.write(b'{"a":1}\0', 1, last=last)
         writer.write(streaming.KEEPALIVE)  # dropped after the last frame
         return "ok"
@@ -342,7 +352,6 @@ async def _one_frame_stream(
 
     config = uvicorn.Config(streaming.expose_raw_send(app), log_config=None)
     config.load()
-    sock = _Writes()
     protocol = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
     protocol.connection_made(cast(asyncio.Transport, sock))
     fed = time.monotonic()
@@ -360,8 +369,8 @@ async def _one_frame_stream(
 FRAME_CHUNK = b"8\r\n" + b'{"a":1}\0' + b"\r\n"
 
 
-async def test_a_prompt_last_frame_is_the_whole_answer_in_one_write() -> None:
-    _, sock = await _one_frame_stream(0.0)
+async def test_an_answer_made_without_waiting_is_one_write() -> None:
+    _, sock = await _one_frame_stream(None)  # e.g. a request refused before any upstream call
     [(_, answer)] = sock.writes  # head, the frame's chunk, the body's end: one system call
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"transfer-encoding: chunked" in head
@@ -370,23 +379,32 @@ async def test_a_prompt_last_frame_is_the_whole_answer_in_one_write() -> None:
 
 
 async def test_a_frame_not_the_last_goes_with_the_head_and_the_end_after() -> None:
-    _, sock = await _one_frame_stream(0.0, last=False)
+    _, sock = await _one_frame_stream(None, last=False)
     (_, first), *rest = sock.writes
     assert first.startswith(b"HTTP/1.1 200 OK\r\n")
     assert first.endswith(b"\r\n\r\n" + FRAME_CHUNK)
     assert b"".join(data for _, data in rest) == b"1\r\n\0\r\n0\r\n\r\n"  # keep-alive, end
 
 
-async def test_the_head_waits_no_longer_than_head_hold_for_a_slow_first_frame() -> None:
-    fed, sock = await _one_frame_stream(0.3)
+@pytest.mark.parametrize("first_frame_after", [0.0, 0.3])
+async def test_the_head_goes_out_once_the_producer_waits_after_its_first_step(
+    first_frame_after: float,
+) -> None:
+    # The producer's first step (the upstream request) comes before the head's write, and the
+    # head does not wait for the first frame: the client has it while the worker works.
+    writes_at_first_step: list[int] = []
+    fed, sock = await _one_frame_stream(
+        first_frame_after, writes_at_first_step=writes_at_first_step
+    )
+    assert writes_at_first_step == [0]
     [(at, head), (_, rest)] = sock.writes
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
-    assert at - fed < streaming.HEAD_HOLD + 0.15  # not at the first frame, 0.3 s in
+    assert at - fed < 0.15  # not at the first frame
     assert rest == FRAME_CHUNK + b"0\r\n\r\n"
 
 
 async def test_a_connection_not_kept_alive_closes_after_the_answer() -> None:
-    _, sock = await _one_frame_stream(0.0, request_headers=b"connection: close\r\n")
+    _, sock = await _one_frame_stream(None, request_headers=b"connection: close\r\n")
     [(_, answer)] = sock.writes
     assert answer.endswith(b"connection: close\r\ntransfer-encoding: chunked\r\n\r\n"
                            + FRAME_CHUNK + b"0\r\n\r\n")  # fmt: skip
