@@ -24,10 +24,10 @@ import json
 import logging
 import sys
 import time
-import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from random import getrandbits
 from typing import Any, Final, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -172,7 +172,9 @@ def _request_id(scope: Scope) -> str:
         value = headers.get(name)
         if value:
             return str(value.decode("latin-1"))[:128]
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, like uuid4().hex, for a seventh of its cost: an id
+    # needs to be unique, not unguessable.
+    return f"{getrandbits(128):032x}"
 
 
 class AccessLogMiddleware:
@@ -206,7 +208,8 @@ class AccessLogMiddleware:
             raise
         finally:
             path = scope.get("path", "")
-            if path not in PROBE_PATHS:
+            # (the line is built only when it is logged: at --log-level warning, never)
+            if path not in PROBE_PATHS and access_log.isEnabledFor(logging.INFO):
                 duration = time.perf_counter() - started
                 said = (("outcome", context.outcome), ("error_code", context.error_code))
                 access_log.info(

@@ -396,7 +396,7 @@ _RENDERERS: Mapping[SeparatorStyle, Callable[[_Conv], str]] = {
 
 
 def render_prompt(
-    conv: dict[str, Any],
+    conv: Mapping[str, Any],
     turns: list[tuple[int, str | None]],
     system_message: str | None = None,
     *,
@@ -424,7 +424,7 @@ turn carries images; only the ``ADD_COLON_TWO`` (Vicuna) style does. sglang_work
 0.2.36 worker that reads ``images``, checks that the counts match."""
 
 
-def places_images(conv: dict[str, Any], *, numbering: str | None = None) -> bool:
+def places_images(conv: Mapping[str, Any], *, numbering: str | None = None) -> bool:
     """Whether FastChat 0.2.36 marks images in the prompt for this template (see above)."""
     chosen = detect_numbering(conv) if numbering is None else numbering
     return decode_sep_style(conv.get("sep_style"), chosen) is SeparatorStyle.ADD_COLON_TWO

@@ -9,8 +9,10 @@ own (§1.11).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from copy import deepcopy
 from enum import IntEnum
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, model_validator
@@ -155,6 +157,11 @@ class ConvTemplate(WireModel):
     def raw(self) -> dict[str, Any]:
         """A copy of the JSON object this template was parsed from."""
         return deepcopy(self._raw) if self._raw else self.model_dump(mode="json")
+
+    def raw_view(self) -> Mapping[str, Any]:
+        """That object itself, read-only at the top level and not to be changed below it:
+        for readers such as ``render_prompt``, once per request, without ``raw``'s copy."""
+        return MappingProxyType(self._raw) if self._raw else self.model_dump(mode="json")
 
     @property
     def has_main_fields(self) -> bool:

@@ -125,12 +125,12 @@ def build_prompt(
     if request.prompt is not None and request.is_completion:
         return request.prompt
     try:
-        mark = with_images and places_images(template.raw(), numbering=numbering)
+        mark = with_images and places_images(template.raw_view(), numbering=numbering)
     except ValueError:
         mark = False  # render_prompt below reports the unusable template
     turns, system = conversation_turns(request.messages, mark_images=mark)
     try:
-        return render_prompt(template.raw(), turns, system, numbering=numbering)
+        return render_prompt(template.raw_view(), turns, system, numbering=numbering)
     except ProtocolError:
         raise
     except ValueError as exc:  # a template render_prompt cannot use: the worker's fault

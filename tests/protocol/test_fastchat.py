@@ -209,6 +209,14 @@ def test_conv_template_raw_is_a_copy() -> None:
     assert template.raw()["roles"] == ["USER", "ASSISTANT"]
 
 
+def test_conv_template_raw_view_is_the_parsed_object_read_only() -> None:
+    template = ConvTemplate.from_wire(VICUNA_REPLY["conv"])
+    view = template.raw_view()
+    assert view == VICUNA_REPLY["conv"]
+    with pytest.raises(TypeError):
+        view["roles"] = []  # type: ignore[index]
+
+
 def test_conv_template_tolerates_main_fields_and_unknown_keys() -> None:
     conv = {
         **VICUNA_REPLY["conv"],

@@ -108,6 +108,19 @@ def test_empty_messages_render_like_fastchat() -> None:
 # --- prompts with real templates ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("version", ["0.2.36", "main"])
+def test_rendering_leaves_every_template_as_it_was_parsed(version: str) -> None:
+    # build_prompt reads the template's own parsed object (raw_view, no copy): a render that
+    # changed it would change every later request's prompt.
+    request = chat(("system", "S"), ("human", "Q1"), ("ai", "A1"), ("human", "Q2"))
+    for name, cases in golden_cases(version).items():
+        parsed = ConvTemplate.from_wire(cases[0].conv)
+        before = parsed.raw()
+        with contextlib.suppress(ProtocolError):
+            build_prompt(request, parsed, numbering=version, with_images=True)
+        assert parsed.raw() == before, name
+
+
 def test_vicuna_reference_rendering_4_4() -> None:
     request = chat(("system", "SYS"), ("human", "U1"), ("ai", "A1"), ("human", "U2"))
     assert build_prompt(request, template("vicuna_v1.1")) == (
