@@ -106,7 +106,7 @@ class Downstream:
         flow = getattr(self._cycle, "flow", None)
         self._flow = flow if hasattr(flow, "write_paused") else None
         self._loop = loop or asyncio.get_running_loop()
-        self._head = b""  # the response head, held to go out with the first chunk
+        self._head = b""  # the response head, held until the producer first waits (hold_head)
         self._body_ended = False  # the last chunk is out: nothing more is written
         self._kept: list[bytes] = []
         self._kept_frames = 0  # of output in _kept
