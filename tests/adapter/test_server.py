@@ -21,8 +21,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, ClassVar, cast
 
 import httpx
+import pytest
 import uvicorn
 
 from adapter import __version__
@@ -386,3 +388,61 @@ def _partial_head(port: int) -> bytes:
         while chunk := sock.recv(65536):
             answer += chunk
         return answer
+
+
+# --- accepting: a burst of connections in one turn of the event loop, under uvloop -----------
+
+
+class _Accepted(asyncio.Protocol):
+    """Keeps when each connection was accepted (``connection_made``)."""
+
+    at: ClassVar[list[float]] = []
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        _Accepted.at.append(time.monotonic())
+
+
+def test_a_burst_of_connections_is_accepted_in_one_turn_under_uvloop() -> None:
+    # uvloop's libuv accepts one connection per listening handle per turn of the event loop;
+    # a turn of a loaded adapter is milliseconds long, so a burst of new requests queued for a
+    # turn each. AdapterServer.startup listens with ACCEPTS_PER_TURN handles.
+    uvloop = pytest.importorskip("uvloop")
+    from adapter.server import ACCEPTS_PER_TURN, AdapterServer, bind_socket
+
+    turn = 0.03  # every turn of the loop runs this long (a loaded adapter's are ~10 ms)
+    burst = ACCEPTS_PER_TURN
+    _Accepted.at = []
+    config = uvicorn.Config(cast(Any, None), http=_Accepted, lifespan="off", log_config=None)
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+
+    async def main() -> None:
+        server = AdapterServer(config, cast(Runtime, None))
+        config.load()
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[sock])
+        loop = asyncio.get_running_loop()
+        clients: list[socket.socket] = []
+
+        def busy() -> None:
+            if not clients:  # the burst: all in the accept queue before the loop next polls
+                clients.extend(socket.create_connection(("127.0.0.1", port)) for _ in range(burst))
+            time.sleep(turn)
+            loop.call_soon(busy)
+
+        loop.call_soon(busy)
+        deadline = time.monotonic() + 3
+        while len(_Accepted.at) < burst and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+        for client in clients:
+            client.close()
+        await server.shutdown(sockets=[sock])
+
+    uvloop.run(main())
+    assert len(_Accepted.at) == burst
+    assert max(_Accepted.at) - min(_Accepted.at) < turn / 2  # one turn, not one turn each
+    with pytest.raises(ConnectionRefusedError):  # every copy closed with its server
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
