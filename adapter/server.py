@@ -74,7 +74,7 @@ class AdapterServer(uvicorn.Server):
         up to 0.6 s just to be accepted: the full-rate c=64 TTFT p99 of bench/relay.py (traced
         per request: 60-200 ms between the client's connect and our ``connection_made``). Each
         extra handle listens on a copy of the socket (``os.dup``: the same accept queue) and
-        accepts one more per turn: c=64 TTFT p99 150-160 -> 76-110 ms. A lone connection
+        accepts one more per turn: c=64 TTFT p99 150-163 -> 92-109 ms. A lone connection
         wakes every handle and all but one ``accept`` fail with EAGAIN: about 10 µs of CPU per
         connection with four handles, 25 µs with eight (which bought no more)."""
         if sockets and type(asyncio.get_running_loop()).__module__.startswith("uvloop"):

@@ -124,13 +124,14 @@ def build_prompt(
     be rendered raises ``UnknownSeparatorStyle`` or ``InvalidReply``."""
     if request.prompt is not None and request.is_completion:
         return request.prompt
+    conv = template.raw_view()
     try:
-        mark = with_images and places_images(template.raw_view(), numbering=numbering)
+        mark = with_images and places_images(conv, numbering=numbering)
     except ValueError:
         mark = False  # render_prompt below reports the unusable template
     turns, system = conversation_turns(request.messages, mark_images=mark)
     try:
-        return render_prompt(template.raw_view(), turns, system, numbering=numbering)
+        return render_prompt(conv, turns, system, numbering=numbering)
     except ProtocolError:
         raise
     except ValueError as exc:  # a template render_prompt cannot use: the worker's fault
